@@ -1,0 +1,115 @@
+# cosmos-recipes: every target is a thin wrapper over `python -m nemo_ext.cli.<cli>`.
+# `make help` lists the targets and variables.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+recipe ?= general
+FAMILY ?= diffusion
+MODEL ?=
+DATA ?=
+NGPU ?=
+ARGS ?=
+WHEELS ?=
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+ifneq ($(filter-out diffusion ar,$(FAMILY)),)
+$(error FAMILY=$(FAMILY): expected diffusion or ar)
+endif
+
+# NGPU: unset or 0 = CPU, 1 = one GPU, N > 1 = torchrun with N processes on this node.
+ifeq ($(strip $(NGPU)),)
+  DEVICE_ARG := trainer.device=cpu
+  LAUNCH := $(PY) -m
+else ifeq ($(strip $(NGPU)),0)
+  DEVICE_ARG := trainer.device=cpu
+  LAUNCH := $(PY) -m
+else ifeq ($(strip $(NGPU)),1)
+  DEVICE_ARG := trainer.device=gpu
+  LAUNCH := $(PY) -m
+else
+  DEVICE_ARG := trainer.device=gpu
+  LAUNCH := $(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m
+endif
+
+RECIPE_ARGS := --recipe $(recipe) --family $(FAMILY) $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data.path=$(DATA))
+
+.PHONY: help setup train print-config test test-full sample-data clean-venv
+
+help: ## Show targets and variables
+	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables:"
+	@echo "  recipe=<task>      recipe folder under recipes/ (default: general)"
+	@echo "  FAMILY=diffusion|ar  model family (default: diffusion)"
+	@echo "  MODEL=<preset>     model preset, e.g. dit_tiny dit_7b dit_14b"
+	@echo "  DATA=<dir|glob>    shard directory; unset = the generated sample world"
+	@echo "  NGPU=<n>           unset/0 = CPU, 1 = one GPU, n > 1 = torchrun with n processes"
+	@echo "  ARGS=\"...\"         Hydra overrides, e.g. ARGS=\"trainer.max_steps=10 optim.lr=1e-5\""
+	@echo "  WHEELS=<dir>       (setup) offline install from a wheel folder on top of the system torch"
+	@echo
+	@echo "Example: make setup && make recipe=general train"
+
+$(VENV)/.installed: pyproject.toml
+	@set -e; \
+	py=""; \
+	for cand in "$$(command -v python3.12 2>/dev/null)" \
+	            $$(ls -d "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r) \
+	            /usr/bin/python3.12 /usr/local/bin/python3.12 "$$(command -v python3 2>/dev/null)"; do \
+	  [ -n "$$cand" ] && [ -x "$$cand" ] || continue; \
+	  if "$$cand" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; then py="$$cand"; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then \
+	  echo "error: no Python 3.12 found (looked at python3.12 on PATH, pyenv's versions/3.12.*, /usr/bin, python3)."; \
+	  echo "  megatron-core >= 0.17 requires Python 3.12. Install one, e.g.:"; \
+	  echo "    pyenv install 3.12      (then re-run make setup)"; \
+	  echo "    apt-get install python3.12 python3.12-venv   (Debian/Ubuntu with 3.12 packages)"; \
+	  echo "    uv python install 3.12"; \
+	  exit 1; \
+	fi; \
+	echo "using $$py ($$($$py --version))"; \
+	if [ -n "$(WHEELS)" ]; then \
+	  $$py -m venv --system-site-packages $(VENV); \
+	  $(VENV)/bin/pip install --no-index --find-links "$(WHEELS)" --no-build-isolation -e ".[test]"; \
+	else \
+	  $$py -m venv $(VENV); \
+	  $(VENV)/bin/pip install -q --upgrade pip; \
+	  $(VENV)/bin/pip install -e ".[dali,test]"; \
+	fi; \
+	touch $@
+
+setup: $(VENV)/.installed ## Create .venv with Python 3.12 and install the package (+ DALI, test tools)
+	@echo "environment ready: $(VENV) ($$($(PY) --version))"
+
+define need_venv
+	@test -x $(PY) || { echo "error: $(VENV) is missing: run 'make setup' first"; exit 1; }
+endef
+
+train: ## Post-train: make recipe=<task> train [MODEL= DATA= NGPU= ARGS=]
+	$(need_venv)
+	$(LAUNCH) nemo_ext.cli.train $(RECIPE_ARGS) $(DEVICE_ARG) $(ARGS)
+
+print-config: ## Print the resolved config of a recipe (with MODEL/DATA/ARGS applied)
+	$(need_venv)
+	@$(PY) -m nemo_ext.cli.train $(RECIPE_ARGS) $(DEVICE_ARG) $(ARGS) --print-config
+
+sample-data: ## Generate the procedural sample world of a recipe into data/sample/<variant>/
+	$(need_venv)
+	$(PY) -m nemo_ext.cli.prep sample --recipe $(recipe) $(ARGS)
+
+test: ## Run the CPU test suite (the CI suite)
+	$(need_venv)
+	$(PYTEST) -m "not gpu and not multigpu and not slow" tests
+
+test-full: ## Run every test: the full parallel-equivalence matrix (+ GPU tests where GPUs exist)
+	$(need_venv)
+	$(PYTEST) tests
+
+clean-venv: ## Remove .venv
+	rm -rf $(VENV)

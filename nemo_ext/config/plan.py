@@ -1,0 +1,174 @@
+"""Derived values of a run, computed once, and every check that must pass before any work starts.
+
+``make_plan`` turns a typed RecipeConfig plus the world size into a :class:`RunPlan` (data-parallel
+size, microbatches, latent grid, token count, dtype, run directory) or raises a ConfigError that
+names the offending key. Nothing else in the code base recomputes these values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_ext.config.compose import ConfigError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    num_microbatches: int
+    device: str  # "cpu" | "cuda"
+    dtype: torch.dtype
+    latent_shape: tuple  # (C, T, H, W) of one clip
+    num_tokens: int  # DiT tokens per sample
+    context_len: int
+    extra_channels: int
+    flops_per_sample: float
+    run_dir: Path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def world_size_from_env() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def _choice(value, key: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+
+
+def run_dir_for(cfg) -> Path:
+    return Path(cfg.runs_dir) / cfg.recipe / f"{cfg.family}_{cfg.model.name}" / cfg.run_name
+
+
+def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> RunPlan:
+    from nemo_ext.tasks import get_task
+
+    world_size = world_size_from_env() if world_size is None else world_size
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    m, d, par, tr, opt = cfg.model, cfg.data, cfg.parallel, cfg.trainer, cfg.optim
+
+    try:
+        task = get_task(cfg.task.name)
+    except KeyError as exc:
+        raise ConfigError(f"task.name: {exc.args[0]}") from None
+    if cfg.family not in task.families:
+        raise ConfigError(f"task {task.name!r} supports families {list(task.families)}, not family={cfg.family!r}")
+    _choice(cfg.strategy.name, "strategy.name", ["full"])
+
+    # ---- device and precision ----
+    _choice(tr.device, "trainer.device", ["auto", "cpu", "gpu"])
+    if tr.device == "gpu" and not cuda_available:
+        raise ConfigError("trainer.device=gpu but no CUDA GPU is visible (NGPU unset or 0 runs on CPU)")
+    device = "cuda" if (tr.device == "gpu" or (tr.device == "auto" and cuda_available)) else "cpu"
+    _choice(tr.precision, "trainer.precision", ["auto", "bf16", "fp32"])
+    precision = tr.precision if tr.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for key in ("max_steps", "log_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(tr, key)} must be >= 1")
+
+    # ---- parallel layout ----
+    for key in ("tp", "pp", "cp"):
+        if getattr(par, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tp={par.tp} x parallel.pp={par.pp} x parallel.cp={par.cp} = {model_parallel} does not divide "
+            f"the world size {world_size} (processes launched: NGPU x nodes)"
+        )
+    dp = world_size // model_parallel
+    if par.cp > 1:
+        raise ConfigError(
+            f"parallel.cp={par.cp}: context parallelism is not available yet for the {cfg.family} family; use cp=1"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % par.tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={par.tp}")
+    if m.ffn_hidden_size % par.tp:
+        raise ConfigError(f"the MLP width {m.ffn_hidden_size} (model.hidden_size x model.mlp_ratio) is not divisible by parallel.tp={par.tp}")
+    if m.num_layers % par.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={par.pp}")
+    _choice(par.recompute, "parallel.recompute", [None, "full", "selective"])
+    _choice(par.recompute_method, "parallel.recompute_method", ["uniform", "block"])
+
+    # ---- data and shapes ----
+    tok = m.tokenizer
+    if d.num_frames < 1 or (d.num_frames - 1) % tok.temporal_compression:
+        raise ConfigError(
+            f"data.num_frames={d.num_frames} must be 1 + {tok.temporal_compression}k "
+            f"(the tokenizer compresses time {tok.temporal_compression}x): e.g. 9, 17, 33, 121"
+        )
+    step_h, step_w = tok.spatial_compression * m.patch_size[1], tok.spatial_compression * m.patch_size[2]
+    if d.height % step_h or d.width % step_w:
+        raise ConfigError(f"data.height={d.height} / data.width={d.width} must be multiples of {step_h} / {step_w}")
+    _choice(d.resize_mode, "data.resize_mode", ["crop", "pad"])
+    _choice(d.clip_sampling, "data.clip_sampling", ["random", "start"])
+    if d.frame_stride < 1:
+        raise ConfigError(f"data.frame_stride={d.frame_stride} must be >= 1")
+    if d.micro_batch_size < 1:
+        raise ConfigError(f"data.micro_batch_size={d.micro_batch_size} must be >= 1")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by data.micro_batch_size="
+            f"{d.micro_batch_size} x data-parallel size {dp}"
+        )
+    num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
+    t_lat = 1 + (d.num_frames - 1) // tok.temporal_compression
+    latent_shape = (tok.latent_channels, t_lat, d.height // tok.spatial_compression, d.width // tok.spatial_compression)
+    grid = [s // p for s, p in zip(latent_shape[1:], m.patch_size)]
+    max_grid = [s // p for s, p in zip(m.max_size, m.patch_size)]
+    for axis, g, mg in zip("thw", grid, max_grid):
+        if g > mg:
+            raise ConfigError(f"the clip's latent {axis} extent ({g} patches) exceeds model.max_size ({mg} patches)")
+    if latent_shape[1] % m.patch_size[0]:
+        raise ConfigError(f"latent frames {latent_shape[1]} not divisible by model.patch_size[0]={m.patch_size[0]}")
+    num_tokens = m.num_tokens(latent_shape[1:])
+    context_len = m.text_encoder.max_length
+    if par.sequence_parallel:
+        if num_tokens % par.tp:
+            raise ConfigError(f"sequence parallelism: {num_tokens} video tokens per sample are not divisible by parallel.tp={par.tp}")
+        if context_len % par.tp:
+            raise ConfigError(f"sequence parallelism: model.text_encoder.max_length={context_len} is not divisible by parallel.tp={par.tp}")
+
+    # ---- optimizer ----
+    _choice(opt.name, "optim.name", ["adam", "sgd"])
+    _choice(opt.decay, "optim.decay", ["constant", "cosine", "linear"])
+    if opt.lr <= 0:
+        raise ConfigError(f"optim.lr={opt.lr} must be > 0")
+
+    extra_channels = task.extra_channels(cfg.task, m)
+    return RunPlan(
+        world_size=world_size,
+        tp=par.tp,
+        pp=par.pp,
+        cp=par.cp,
+        dp=dp,
+        num_microbatches=num_microbatches,
+        device=device,
+        dtype=dtype,
+        latent_shape=latent_shape,
+        num_tokens=num_tokens,
+        context_len=context_len,
+        extra_channels=extra_channels,
+        flops_per_sample=m.flops_per_sample(latent_shape[1:], context_len, extra_channels),
+        run_dir=run_dir_for(cfg),
+    )

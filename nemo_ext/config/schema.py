@@ -1,0 +1,136 @@
+"""Typed configuration schema of a recipe run, registered in Hydra's ConfigStore.
+
+The YAML files under ``recipes/`` only set values; every key they may set is declared here (or in
+the model / task dataclasses they extend), so a misspelled key fails at composition time with the
+full key path. Groups mirror the object graph: ``model``, ``task``, ``data``, ``parallel``,
+``strategy``, ``optim``, ``trainer``, ``launcher``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from nemo_ext.models.dit.config import DiTConfig
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are cut. Batch sizes live here because the loader and
+    the microbatch schedule both derive from them."""
+
+    kind: str = "video"  # video: encoded video shards decoded online
+    # Shard directories / globs / brace patterns; null = the embedded procedural sample world,
+    # generated on first use into ``sample_dir``.
+    path: Optional[str] = None
+    sample_variant: str = "general"
+    sample_dir: str = "data/sample/${data.sample_variant}"
+    sample_num_videos: int = 64
+    sample_num_frames: int = 33
+    num_frames: int = 17  # pixel frames per clip: 1 + 8k (the tokenizer compresses time 8x)
+    frame_stride: int = 1
+    height: int = 64
+    width: int = 64
+    resize_mode: str = "crop"  # crop | pad
+    clip_sampling: str = "random"  # random | start
+    fps: Optional[float] = None  # for the RoPE time scale; null = the clips' own fps
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    num_workers: int = 2
+    shuffle: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. The data-parallel size is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: Optional[str] = None  # null | full | selective
+    recompute_method: str = "uniform"  # uniform | block (full recompute only)
+    recompute_num_layers: int = 1
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    """Training strategy: which parameters train (``full`` = all)."""
+
+    name: str = "full"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # megatron's Adam is AdamW (decoupled weight decay)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine | linear
+    decay_steps: Optional[int] = None  # null = trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    device: str = "auto"  # auto | cpu | gpu
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+    keep_last_n_checkpoints: int = 2
+    resume: bool = True  # resume from the run directory's checkpoints/last when it exists
+    init_from: Optional[str] = None  # weights to start from (a checkpoint dir): e.g. an imported base model
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: Optional[str] = None
+    seed: int = 1234
+    # Stop with an error when the loss is not finite for this many consecutive steps.
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = MISSING  # the recipe folder (task) name
+    family: str = "diffusion"  # diffusion | ar
+    run_name: str = "default"
+    runs_dir: str = "runs"
+    model: Any = MISSING  # a family schema (DiTConfig, ...) selected by the model preset
+    task: Any = MISSING  # the task plugin's config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# Model presets extend their family's schema: ``defaults: [dit_schema, _self_]``.
+MODEL_SCHEMAS = {"diffusion": ("dit_schema", DiTConfig)}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="recipe_schema", node=RecipeConfig)
+    for name, node in MODEL_SCHEMAS.values():
+        cs.store(group="model", name=name, node=node)
+    from nemo_ext.tasks import all_tasks
+
+    for spec in all_tasks():
+        cs.store(group="task", name=spec.name, node=spec.config_cls)

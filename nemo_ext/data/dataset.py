@@ -1,0 +1,215 @@
+"""CPU/PyAV training loader: a map-style clip dataset and a resumable data-parallel sampler.
+
+The sampler, not the dataset, owns all randomness: it hands the dataset ``(sample_idx,
+clip_seed)`` pairs that are pure functions of ``(seed, position in the global stream)``. So the
+data a step sees depends only on the step number, the seed and the data-parallel layout: a
+resumed run (``start_step=k``) sees exactly what an uninterrupted one would, whatever the number
+of DataLoader workers, and no loader state has to be checkpointed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nemo_ext.data.shards import ShardError, ShardIndex
+from nemo_ext.data.video import VideoDecodeError, decode_frames, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VideoClipDataset", "DataParallelBatchSampler", "collate_clips", "clip_seed_for"]
+
+_CLIP_SAMPLING = ("random", "start")
+_RESIZE_MODES = ("crop", "pad")
+
+
+class VideoClipDataset(Dataset):
+    """Clips of ``num_frames`` frames (every ``stride``-th), resized to ``height x width``.
+
+    ``__getitem__((sample_idx, clip_seed))`` returns ``video`` float32 ``[3, F, H, W]`` in
+    [-1, 1], ``caption`` (json ``caption``, "" if absent), ``key``, ``fps`` (json ``fps``) and
+    ``num_frames_total``. The clip starts at 0 (``clip_sampling="start"``) or uniformly at random
+    in ``[0, n - span]`` drawn from ``random.Random(clip_seed)`` (``"random"``), where
+    ``span = (num_frames - 1) * stride + 1`` and ``n`` comes from ``nframes.npy`` (else json
+    ``num_frames``).
+    """
+
+    def __init__(self, index: ShardIndex, num_frames: int, height: int, width: int, stride: int = 1,
+                 clip_sampling: str = "random", resize_mode: str = "crop",
+                 video_ext: str = "mp4") -> None:
+        if num_frames < 1 or stride < 1 or height < 1 or width < 1:
+            raise ValueError(f"need num_frames, stride, height, width >= 1; got {num_frames}, "
+                             f"{stride}, {height}, {width}")
+        if clip_sampling not in _CLIP_SAMPLING:
+            raise ValueError(f"clip_sampling must be one of {_CLIP_SAMPLING}, got {clip_sampling!r}")
+        if resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+        self.index = index
+        self.num_frames = num_frames
+        self.height = height
+        self.width = width
+        self.stride = stride
+        self.clip_sampling = clip_sampling
+        self.resize_mode = resize_mode
+        self.video_ext = video_ext
+
+    @property
+    def span(self) -> int:
+        """Frames a clip covers in the source video, first to last inclusive."""
+        return (self.num_frames - 1) * self.stride + 1
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int] | int) -> dict[str, Any]:
+        sample_idx, clip_seed = item if isinstance(item, tuple) else (int(item), int(item))
+        ref = self.index[sample_idx]
+        meta = self._meta(sample_idx)
+        total = self._total_frames(sample_idx, meta)
+        if total < self.span:
+            raise ShardError(
+                f"shard {ref.shard}: sample {ref.key!r} has {total} frames, fewer than the "
+                f"{self.span} a clip needs ({self.num_frames} frames with stride {self.stride})"
+            )
+        start = 0 if self.clip_sampling == "start" else random.Random(clip_seed).randint(0, total - self.span)
+        data = self.index.read(sample_idx, self.video_ext)
+        try:
+            frames = decode_frames(data, start, self.num_frames, self.stride)
+        except VideoDecodeError as e:
+            raise ShardError(f"shard {ref.shard}: sample {ref.key!r}: {e}") from e
+        frames = resize_and_crop(frames, self.height, self.width, self.resize_mode)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+        return {
+            "video": video.contiguous(),
+            "caption": str(meta.get("caption") or ""),
+            "key": ref.key,
+            "fps": float(meta.get("fps", 0.0)),
+            "num_frames_total": int(total),
+            # Unique per position in the data stream: seeds per-sample randomness downstream
+            # (e.g. diffusion noise) independently of the parallel layout.
+            "sample_seed": int(clip_seed),
+        }
+
+    def _meta(self, i: int) -> dict[str, Any]:
+        if not self.index.has(i, "json"):
+            return {}
+        raw = self.index.read(i, "json")
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            ref = self.index[i]
+            raise ShardError(f"shard {ref.shard}: {ref.key}.json is not valid JSON: {e}") from e
+        return meta if isinstance(meta, dict) else {}
+
+    def _total_frames(self, i: int, meta: dict[str, Any]) -> int:
+        ref = self.index[i]
+        if self.index.has(i, "nframes.npy"):
+            arr = np.load(io.BytesIO(self.index.read(i, "nframes.npy")), allow_pickle=False)
+            return int(np.asarray(arr).reshape(-1)[0])
+        if "num_frames" in meta:
+            return int(meta["num_frames"])
+        raise ShardError(f"shard {ref.shard}: sample {ref.key!r} has neither a nframes.npy member "
+                         "nor a json 'num_frames' field; the clip sampler needs the frame count")
+
+
+def clip_seed_for(seed: int, position: int) -> int:
+    """A well-mixed 31-bit seed from (seed, global position): splitmix64 of the pair."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFF
+
+
+class DataParallelBatchSampler:
+    """Infinite, step-resumable micro-batches of ``(sample_idx, clip_seed)`` for one DP rank.
+
+    The global stream of positions ``p = 0, 1, ...`` maps to samples by concatenating, epoch
+    after epoch, a permutation of ``range(num_samples)`` seeded by ``(seed, epoch)`` (identity
+    when ``shuffle=False``). Step ``s`` consumes positions ``[s*G, (s+1)*G)``; rank ``r`` takes
+    the contiguous slice ``[s*G + r*G/dp, s*G + (r+1)*G/dp)`` as ``G/(dp*mbs)`` micro-batches.
+    Starting at ``start_step=k`` therefore equals skipping ``k*G/(dp*mbs)`` micro-batches.
+    """
+
+    def __init__(self, num_samples: int, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, start_step: int = 0,
+                 shuffle: bool = True) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"the dataset has {num_samples} samples; need at least one")
+        if micro_batch_size < 1 or global_batch_size < 1 or dp_size < 1:
+            raise ValueError(f"data.micro_batch_size ({micro_batch_size}), data.global_batch_size "
+                             f"({global_batch_size}) and the data-parallel size ({dp_size}) must be >= 1")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"data.global_batch_size ({global_batch_size}) must be divisible by "
+                f"data.micro_batch_size ({micro_batch_size}) x data-parallel size ({dp_size}) "
+                f"= {micro_batch_size * dp_size}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.num_samples = num_samples
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.start_step = start_step
+        self.shuffle = shuffle
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def sample_at(self, position: int) -> int:
+        """Sample index at a global stream position."""
+        epoch, offset = divmod(position, self.num_samples)
+        if not self.shuffle:
+            return offset
+        if self._perm_epoch != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._perm, self._perm_epoch = rng.permutation(self.num_samples), epoch
+        assert self._perm is not None
+        return int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.global_batch_size // self.dp_size
+        mbs = self.micro_batch_size
+        step = self.start_step
+        while True:
+            base = step * self.global_batch_size + self.dp_rank * per_rank
+            for m in range(self.micro_batches_per_step):
+                positions = range(base + m * mbs, base + (m + 1) * mbs)
+                yield [(self.sample_at(p), clip_seed_for(self.seed, p)) for p in positions]
+            step += 1
+
+
+def collate_clips(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch dataset items: tensors are stacked, numbers become tensors, strings stay lists."""
+    if not items:
+        raise ValueError("collate_clips got an empty batch")
+    out: dict[str, Any] = {}
+    for name in items[0]:
+        values = [it[name] for it in items]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            out[name] = torch.stack(values)
+        elif isinstance(first, bool):
+            out[name] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(first, int):
+            out[name] = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(first, float):
+            out[name] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[name] = list(values)
+    return out

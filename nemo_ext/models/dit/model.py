@@ -1,0 +1,276 @@
+"""Cosmos-1 diffusion DiT on megatron-core (same function as ``diffusers.CosmosTransformer3DModel``).
+
+Data flow (megatron layout ``[S, B, *]``)::
+
+    latents [B,C,T,H,W] (+ condition mask, padding mask, task channels)
+      -> patchify [S, B, C*p] -> (SP: local slice) -> patch_embed            (first PP stage)
+      -> DiTBlock: N x AdaLN-modulated {self-attn + 3D RoPE, cross-attn to context, MLP}
+      -> final AdaLN + projection -> (SP: gather) -> unpatchify [B,C,T,H,W]   (last PP stage)
+
+The timestep embedding, RoPE and learnable position embedding are computed on every pipeline stage
+(each layer needs them); their parameters are replicated on the stages and their grads summed over
+the PP group (``parallel_utils``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_ext.conditioning import Conditioning
+from nemo_ext.models.dit.config import DiTConfig
+from nemo_ext.models.dit.embeddings import (
+    FinalLayer,
+    LearnablePosEmbed,
+    RoPE3D,
+    TimestepEmbedding,
+    patchify,
+    unpatchify,
+)
+from nemo_ext.models.dit.layer import DiTBlock, get_dit_layer_spec, select_layer_impl, te_available
+from nemo_ext.models.parallel_utils import (
+    make_pipeline_replicas,
+    mark_pipeline_replicated,
+    mark_sequence_parallel_replicated,
+    sequence_slice,
+)
+
+
+@dataclass
+class DiTTransformerConfig(TransformerConfig):
+    """megatron TransformerConfig plus the DiT-specific widths."""
+
+    context_dim: int = 1024
+    adaln_lora_dim: int = 256
+    sdpa_backend: str = "auto"
+    # Replicated conditional embedders on every PP stage: finalize_model_grads sums their grads.
+    has_cond_embedder: bool = True
+
+
+def build_transformer_config(arch: DiTConfig, parallel, dtype: torch.dtype) -> DiTTransformerConfig:
+    """``parallel`` is the ``parallel`` config group (tp/pp/cp/sp/recompute)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return DiTTransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_attention_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        activation_func=F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,  # the per-head Q/K RMSNorm of the reference model
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.init_std,
+        output_layer_init_method=None if arch.init_std is None else _scaled_init(arch.init_std, arch.num_layers),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        autocast_dtype=dtype if half else None,
+        # CPU master-weight init: the same seed gives the same weights for every TP layout.
+        use_cpu_initialization=True,
+        recompute_granularity=parallel.recompute,
+        recompute_method=(parallel.recompute_method if parallel.recompute == "full" else None),
+        recompute_num_layers=(parallel.recompute_num_layers if parallel.recompute == "full" else None),
+        recompute_modules=["core_attn"] if parallel.recompute == "selective" else None,
+        context_dim=arch.context_dim,
+        adaln_lora_dim=arch.adaln_lora_dim,
+        sdpa_backend=arch.attention_backend if arch.attention_backend != "te" else "auto",
+    )
+
+
+def _scaled_init(std: float, num_layers: int):
+    import math
+
+    scaled = std / math.sqrt(2.0 * num_layers)
+    return lambda w: torch.nn.init.normal_(w, mean=0.0, std=scaled)
+
+
+class CosmosDiT(MegatronModule):
+    def __init__(
+        self,
+        config: DiTTransformerConfig,
+        arch: DiTConfig,
+        extra_channels: int = 0,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection=None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.arch = arch
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.patch_size = tuple(arch.patch_size)
+        d = config.hidden_size
+        patch_vol = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.in_channels = arch.in_channels(extra_channels)
+
+        if pre_process:
+            self.patch_embed = nn.Linear(self.in_channels * patch_vol, d, bias=False)
+        self.time_embed = TimestepEmbedding(d)
+        self.rope = RoPE3D(arch.head_dim, arch.rope_scale, arch.rope_base_fps)
+        max_grid = [m // p for m, p in zip(arch.max_size, self.patch_size)]
+        self.extra_pos_embed = (
+            LearnablePosEmbed(d, max_grid, init_std=arch.init_std) if arch.extra_pos_embed == "learnable" else None
+        )
+        self.layer_impl = select_layer_impl(arch.attention_backend, torch.cuda.is_available(), te_available())
+        self.decoder = DiTBlock(
+            config,
+            get_dit_layer_spec(self.layer_impl),
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.final_layer = FinalLayer(d, arch.adaln_lora_dim, patch_vol * arch.latent_channels)
+
+        self._init_replicated_weights(arch.init_std)
+        dtype = config.params_dtype
+        for name, module in self.named_children():
+            if name != "extra_pos_embed":  # kept in fp32, as the reference does
+                module.to(dtype)
+        mark_pipeline_replicated(self.time_embed)
+        if self.extra_pos_embed is not None:
+            mark_pipeline_replicated(self.extra_pos_embed)
+        if config.sequence_parallel:
+            mark_sequence_parallel_replicated(self)
+
+    # Module prefixes held by every pipeline stage (see parallel_utils).
+    pipeline_replicated = ("time_embed.", "extra_pos_embed.")
+
+    def _init_replicated_weights(self, std: float) -> None:
+        """DiT init: normal linears, AdaLN-Zero (modulations output zero, so every block starts as
+        the identity) and a zero output projection. Replaced by imported weights in real runs."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+        for layer in self.decoder.layers:
+            for mod in (layer.adaln_self, layer.adaln_cross, layer.adaln_mlp):
+                nn.init.zeros_(mod.linear_2.weight)
+        nn.init.zeros_(self.time_embed.linear_2.weight)
+        if self.post_process:
+            nn.init.zeros_(self.final_layer.adaln.linear_2.weight)
+            nn.init.zeros_(self.final_layer.proj_out.weight)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def grid(self, latent_shape) -> tuple[int, int, int]:
+        t, h, w = latent_shape[-3:]
+        pt, ph, pw = self.patch_size
+        return t // pt, h // ph, w // pw
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        padding_mask: Optional[torch.Tensor] = None,
+        condition_mask: Optional[torch.Tensor] = None,
+        fps: Optional[float] = None,
+    ) -> torch.Tensor:
+        """x: [B, C, T, H, W] latents (on later PP stages only its shape is used); timestep: [B]
+        (or [B, 1, T, 1, 1] per latent frame) EDM c_noise; padding_mask: [B, 1, H', W'] pixel-space
+        padding (resized to the latent grid); condition_mask: [B, 1, T, H, W] (Video2World)."""
+        b, _, t, h, w = x.shape
+        grid = self.grid(x.shape)
+        s = grid[0] * grid[1] * grid[2]
+        sp = self.config.sequence_parallel
+        dtype = self.config.params_dtype
+
+        # Conditioning vectors: [1, B, *] shared by all tokens, or [S, B, *] per latent frame.
+        adaln_lora, temb = self.time_embed(timestep)
+        if timestep.dim() == 5:
+            adaln_lora, temb = (self._per_token(v, b, grid) for v in (adaln_lora, temb))
+        else:
+            adaln_lora, temb = adaln_lora[None], temb[None]
+        if cond.adaln is not None:
+            temb = temb + cond.adaln.to(temb.dtype)
+        if cond.adaln_lora is not None:
+            adaln_lora = adaln_lora + cond.adaln_lora.to(adaln_lora.dtype)
+        if sp and temb.shape[0] == s:
+            temb, adaln_lora = sequence_slice(temb), sequence_slice(adaln_lora)
+
+        rotary = self.rope(grid, fps=fps, device=x.device)
+        pos = None
+        if self.extra_pos_embed is not None:
+            pos = self.extra_pos_embed(grid)
+            pos = sequence_slice(pos) if sp else pos
+
+        context = context_mask = None
+        if cond.context is not None:
+            context = cond.context.transpose(0, 1).to(dtype)  # [S_ctx, B, D_ctx]
+            if sp:
+                context = sequence_slice(context)
+            if cond.context_mask is not None:
+                context_mask = ~cond.context_mask.bool()[:, None, None, :]  # megatron: True = masked
+
+        hidden = None
+        if self.pre_process:
+            inputs = [x]
+            if self.arch.condition_frames > 0:
+                inputs.append(condition_mask if condition_mask is not None else x.new_zeros(b, 1, t, h, w))
+            if self.arch.concat_padding_mask:
+                if padding_mask is None:
+                    inputs.append(x.new_zeros(b, 1, t, h, w))
+                else:
+                    pm = F.interpolate(padding_mask.float(), size=(h, w), mode="nearest")
+                    inputs.append(pm[:, :, None].expand(b, 1, t, h, w).to(x.dtype))
+            if cond.channels is not None:
+                inputs.append(cond.channels.to(x.dtype))
+            x_in = torch.cat(inputs, dim=1)
+            if x_in.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"DiT input has {x_in.shape[1]} channels, the model was built for {self.in_channels} "
+                    "(latents + masks + task channels)"
+                )
+            tokens = patchify(x_in.to(dtype), self.patch_size)
+            hidden = self.patch_embed(sequence_slice(tokens) if sp else tokens)
+
+        hidden = self.decoder(hidden, context, context_mask, rotary, temb, adaln_lora, pos)
+        if not self.post_process:
+            return hidden
+        out = self.final_layer(hidden, temb, adaln_lora)
+        if sp:
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        return unpatchify(out, grid, self.patch_size)
+
+    @staticmethod
+    def _per_token(v: torch.Tensor, b: int, grid) -> torch.Tensor:
+        gt, gh, gw = grid
+        v = v.view(b, gt, 1, 1, -1).expand(b, gt, gh, gw, v.shape[-1])
+        return v.reshape(b, gt * gh * gw, -1).transpose(0, 1)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        make_pipeline_replicas(sd, [prefix + p for p in self.pipeline_replicated])
+        return sd
+

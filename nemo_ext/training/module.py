@@ -1,0 +1,256 @@
+"""Lightning module of the diffusion family: EDM post-training of the Cosmos DiT.
+
+One ``training_step`` is one optimizer step over a global batch: it pulls this data-parallel
+rank's microbatches from the loader, lets megatron's forward/backward schedule run them (1F1B
+under pipeline parallelism), then steps megatron's optimizer and the LR schedule. Noise levels and
+noise are drawn per sample from a generator seeded by the sample's position in the data stream:
+every layout sees the same draw, and a resumed run repeats the exact next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import partial
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_ext.diffusion.edm import EDM, _bcast
+from nemo_ext.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+
+def noise_seed(train_seed: int, sample_seed: int) -> int:
+    """Seed of one sample's diffusion noise: the loader's per-position sample seed mixed with
+    ``trainer.seed`` (so the noise can be varied independently of the clip choice)."""
+    return (train_seed * 0x9E3779B1 + sample_seed) % (2**63 - 1)
+
+
+class _Microbatches:
+    """The iterator megatron's schedule pulls microbatches from: raw loader batches, prepared
+    (moved to the device, encoded, noised) on the way."""
+
+    def __init__(self, source, prepare, count: int):
+        self.source, self.prepare, self.count, self.index = source, prepare, count, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index >= self.count:
+            raise StopIteration
+        raw = next(self.source)
+        if isinstance(raw, tuple):  # Lightning's dataloader_iter yields (batch, batch_idx, dataloader_idx)
+            raw = raw[0]
+        out = self.prepare(raw, self.index)
+        self.index += 1
+        return out
+
+
+class DiffusionModule(pl.LightningModule):
+    def __init__(self, cfg, plan):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = plan
+        self.automatic_optimization = False
+        self.task = get_task(cfg.task.name)
+        self.edm = EDM(cfg.model.edm)
+        self.world_model: Optional[torch.nn.Module] = None
+        self._chunks: list = []
+        self.last_stats: dict = {}
+        self._nonfinite_steps = 0
+
+    # ---------------- model ----------------
+    def configure_model(self) -> None:
+        if self.world_model is not None:
+            return
+        from nemo_ext.conditioning.text import T5TextEncoder
+        from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
+        from nemo_ext.models.world_model import WorldModel
+        from nemo_ext.tokenizers.continuous import ContinuousVideoTokenizer
+
+        m = self.cfg.model
+        dtype = self.plan.dtype
+        self.tokenizer = ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
+        self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype)
+        config = build_transformer_config(m, self.cfg.parallel, dtype)
+        net = CosmosDiT(
+            config,
+            m,
+            extra_channels=self.plan.extra_channels,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        conditioner = self.task.build_conditioner(self.cfg.task, m)
+        self.world_model = WorldModel(config, net, conditioner)
+        if self.cfg.trainer.init_from:
+            from nemo_ext.training.checkpoint import load_weights
+
+            load_weights(self, self.cfg.trainer.init_from)
+
+    @property
+    def megatron_config(self):
+        return self.world_model.config
+
+    def wrap_ddp(self, overrides: dict) -> None:
+        par = self.cfg.parallel
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            overlap_param_gather=par.overlap_param_gather,
+            use_distributed_optimizer=par.distributed_optimizer,
+            check_for_nan_in_grad=True,
+            **overrides,
+        )
+        self._chunks = [DistributedDataParallel(self.megatron_config, ddp_config, self.world_model)]
+        for chunk in self._chunks:
+            chunk.broadcast_params()  # identical replicas, whatever each rank initialized
+
+    def connect_megatron_hooks(self) -> None:
+        config = self.megatron_config
+        opt = self.optimizers(use_pl_optimizer=False)
+        config.grad_scale_func = opt.mcore.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self._chunks[0].no_sync
+        if self.cfg.parallel.overlap_grad_reduce:
+            config.grad_sync_func = self._chunks[0].start_grad_sync
+        if self.cfg.parallel.overlap_param_gather and self.cfg.parallel.distributed_optimizer:
+            config.param_sync_func = self._chunks[0].start_param_sync
+
+    def sharded_state_dict(self) -> dict:
+        return self.world_model.sharded_state_dict(prefix="model.")
+
+    def load_megatron_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        missing, unexpected = self.world_model.load_state_dict(inner, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+    # ---------------- optimizer ----------------
+    def configure_optimizers(self):
+        from nemo_ext.training.optim import LRSchedule, build_optimizer
+
+        opt = build_optimizer(self.cfg.optim, self.cfg.parallel, self._chunks, self.plan.dtype)
+        sched = LRSchedule(opt, self.cfg.optim, self.cfg.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step(1)
+
+    # ---------------- data ----------------
+    def train_dataloader(self):
+        from nemo_ext.training.data import build_train_dataloader
+
+        return build_train_dataloader(self.cfg, self.task, start_step=self.trainer.global_step)
+
+    def prepare_microbatch(self, raw: dict, index: int) -> dict:
+        """Move a loader batch to the device, encode video and captions with the frozen encoders,
+        and draw each sample's noise level and noise from a generator seeded by the sample's
+        position in the data stream: every layout (TP/PP/DP, microbatching) and a resumed run
+        see identical draws."""
+        device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
+        latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
+        gen = torch.Generator(device=device)
+        sigmas, noises, captions = [], [], []
+        p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
+        for caption, seed in zip(raw["caption"], raw["sample_seed"].tolist()):
+            gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
+            sigmas.append(self.edm.sample_sigma(1, gen))
+            noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
+            dropped = p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop
+            captions.append("" if dropped else caption)
+        context, context_mask = self.text_encoder.encode(captions, device)
+        fps = self.cfg.data.fps
+        if fps is None and "fps" in raw:
+            fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate
+        batch = {k: v for k, v in raw.items() if k != "video"}
+        batch.update(
+            latents=latents,
+            context=context,
+            context_mask=context_mask,
+            sigma=torch.cat(sigmas),
+            noise=torch.stack(noises),
+            fps=fps,
+        )
+        return batch
+
+    # ---------------- step ----------------
+    def forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        x0, sigma = mb["latents"], mb["sigma"]
+        x_t = self.edm.noisy_input(x0, sigma, mb["noise"])
+        _, _, c_in, c_noise = self.edm.preconditioning(sigma)
+        out = model(x_t * _bcast(c_in, x_t), c_noise, mb, fps=mb["fps"])
+        return out, partial(self._loss, x0, x_t, sigma)
+
+    def _loss(self, x0, x_t, sigma, output):
+        x0_pred = self.edm.denoise(x_t, sigma, output.float())
+        loss = self.edm.loss(x0, x0_pred, sigma).mean()
+        # clone: megatron divides the returned loss in place by the number of microbatches
+        return loss, {"loss": loss.detach().clone()}
+
+    def training_step(self, dataloader_iter):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        for chunk in self._chunks:
+            chunk.zero_grad_buffer()
+        opt.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self.forward_step,
+            data_iterator=_Microbatches(dataloader_iter, self.prepare_microbatch, self.plan.num_microbatches),
+            model=self._chunks,
+            num_microbatches=self.plan.num_microbatches,
+            seq_length=self.plan.num_tokens,
+            micro_batch_size=self.cfg.data.micro_batch_size,
+            forward_only=False,
+        )
+        opt.step()
+        sched.step(1)
+        loss = self._reduce_loss(losses)
+        inner = opt.optimizer
+        stats = {
+            "loss": loss,
+            "grad_norm": inner.last_grad_norm if inner.last_grad_norm is not None else float("nan"),
+            "lr": sched.lr,
+            "compute_time": time.perf_counter() - t0,
+        }
+        self.last_stats = stats
+        self._check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=self.cfg.data.global_batch_size)
+        self.log("train/grad_norm", stats["grad_norm"], on_step=True, batch_size=self.cfg.data.global_batch_size)
+        self.log("train/lr", stats["lr"], on_step=True, batch_size=self.cfg.data.global_batch_size)
+        return None
+
+    def _reduce_loss(self, losses) -> float:
+        """Mean microbatch loss on the last stage, shared with every rank (average over DP)."""
+        device = next(iter(self.world_model.parameters())).device if self.plan.device == "cuda" else "cpu"
+        value = torch.zeros(1, device=device, dtype=torch.float32)
+        if parallel_state.is_pipeline_last_stage() and losses:
+            value += torch.stack([d["loss"].float() for d in losses]).mean()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value /= parallel_state.get_data_parallel_world_size()
+        return float(value.item())
+
+    def _check_finite(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self._nonfinite_steps = 0
+            return
+        self._nonfinite_steps += 1
+        logger.warning("step %d: loss is %s", self.global_step, loss)
+        if self._nonfinite_steps >= self.cfg.trainer.max_nonfinite_steps:
+            raise RuntimeError(
+                f"loss was not finite for {self._nonfinite_steps} consecutive steps (trainer.max_nonfinite_steps); "
+                "lower optim.lr or check the data"
+            )

@@ -1,0 +1,137 @@
+"""One training run: distributed init, sample data, Trainer + NeMo exp_manager, fit.
+
+Used by ``python -m nemo_ext.cli.train`` and, in-process, by the tests (same code path at every
+scale). The config has already been composed and validated (``make_plan``) when this starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from nemo_ext.config.plan import RunPlan
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_sample_data(cfg) -> None:
+    """Generate the procedural sample world when no data path is given (global rank 0 writes,
+    the others wait)."""
+    if cfg.data.path:
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from data_prep.sample_world import generate
+
+        generate(
+            out_dir=cfg.data.sample_dir,
+            variant=cfg.data.sample_variant,
+            num_videos=cfg.data.sample_num_videos,
+            num_frames=cfg.data.sample_num_frames,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            seed=0,
+        )
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def exp_manager_config(cfg, plan: RunPlan) -> dict:
+    run_dir = plan.run_dir
+    return {
+        "exp_dir": str(run_dir.parent.parent),
+        "name": run_dir.parent.name,
+        "version": run_dir.name,
+        "use_datetime_version": False,
+        "resume_if_exists": cfg.trainer.resume,
+        "resume_ignore_no_checkpoint": True,
+        "create_tensorboard_logger": cfg.trainer.tensorboard,
+        "create_wandb_logger": cfg.trainer.wandb,
+        "wandb_logger_kwargs": {"project": cfg.trainer.wandb_project or "cosmos-recipes", "name": str(run_dir)},
+        "create_checkpoint_callback": False,  # ours (RunCheckpoint) is added to the trainer directly
+        "checkpoint_callback_params": {"dirpath": str(plan.checkpoint_dir)},
+        "log_step_timing": False,  # StepMetrics logs step time with throughput and MFU
+        "log_tflops_per_sec_per_gpu": False,
+        "create_preemption_callback": False,
+        "seconds_to_sleep": 0,
+    }
+
+
+def build_trainer(cfg, plan: RunPlan):
+    import lightning.pytorch as pl
+
+    from nemo_ext.training.callbacks import StepMetrics, StepProgressBar
+    from nemo_ext.training.checkpoint import RunCheckpoint
+    from nemo_ext.training.strategy import MegatronStrategy
+
+    strategy = MegatronStrategy(cfg.parallel, device=plan.device, seed=cfg.trainer.seed)
+    callbacks = [
+        RunCheckpoint(plan.checkpoint_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_last_n_checkpoints),
+        StepMetrics(cfg.trainer.log_every_n_steps, cfg.data.global_batch_size, plan.flops_per_sample, plan.world_size),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(StepProgressBar())
+    return pl.Trainer(
+        accelerator="gpu" if plan.device == "cuda" else "cpu",
+        devices=1,
+        num_nodes=1,
+        strategy=strategy,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=True,  # with our RunCheckpoint in callbacks
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=True,
+        use_distributed_sampler=False,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+
+class _quiet:
+    def __init__(self, log):
+        self.log, self.level = log, None
+
+    def __enter__(self):
+        self.level = self.log.getEffectiveLevel()
+        self.log.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)
+        return False
+
+
+def run_training(cfg, plan: RunPlan, composed=None):
+    """Train; returns the Trainer. ``composed`` (the DictConfig) is written to the run directory."""
+    from nemo.utils import logging as nemo_logging
+    from nemo.utils.exp_manager import exp_manager
+
+    from nemo_ext.training.module import DiffusionModule
+    from nemo_ext.training.strategy import init_distributed, init_model_parallel
+
+    init_distributed(plan.device)
+    init_model_parallel(cfg.parallel, cfg.trainer.seed)
+    ensure_sample_data(cfg)
+
+    trainer = build_trainer(cfg, plan)
+    with _quiet(nemo_logging):  # exp_manager logs its whole schema at INFO
+        log_dir = Path(exp_manager(trainer, exp_manager_config(cfg, plan)))
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter bucket listings etc.
+    if trainer.is_global_zero:
+        resumed = f"resuming from {Path(trainer.ckpt_path).resolve()}" if trainer.ckpt_path else "starting from scratch"
+        nemo_logging.info(f"run directory {log_dir} ({resumed})")
+    from nemo_ext.training.callbacks import StepMetrics
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, StepMetrics):
+            cb.metrics_path = log_dir / "metrics.jsonl"
+    if trainer.is_global_zero:
+        resolved = composed if composed is not None else OmegaConf.structured(cfg)
+        (log_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    module = DiffusionModule(cfg, plan)
+    trainer.fit(module, ckpt_path=trainer.ckpt_path)
+    return trainer

@@ -1,0 +1,53 @@
+"""Helpers shared by the tests (importable as ``support``; conftest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CliRun:
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.proc = proc
+        self.run_dir = run_dir
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    def metrics(self) -> dict[int, dict]:
+        """Rows of <run>/metrics.jsonl by step (the current segment of the run)."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["step"]: row for row in rows}
+
+
+def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", timeout: int = 900,
+            check: bool = True, recipe: str = "general", background: bool = False):
+    """Run ``python -m nemo_ext.cli.train`` on CPU (``torchrun`` when nproc > 1), the path a user's
+    run takes. Returns a CliRun, or with ``background=True`` a (Popen, run_dir) pair."""
+    args = ["--recipe", recipe, "trainer.device=cpu", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
+            f"run_name={run_name}", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "nemo_ext.cli.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "nemo_ext.cli.train", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"  # 2-core CI machines: no thread oversubscription
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "dit_tiny")
+    run_dir = Path(runs_dir) / recipe / f"diffusion_{model}" / run_name
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), run_dir
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return CliRun(proc, run_dir)
