@@ -52,7 +52,7 @@ help: ## Show targets and variables
 	@echo "  DATA=<dir|glob>    shard directory; unset = the generated sample world"
 	@echo "  NGPU=<n>           unset/0 = CPU, 1 = one GPU, n > 1 = torchrun with n processes"
 	@echo "  ARGS=\"...\"         Hydra overrides, e.g. ARGS=\"trainer.max_steps=10 optim.lr=1e-5\""
-	@echo "  WHEELS=<dir>       (setup) offline install from a wheel folder on top of the system torch"
+	@echo "  WHEELS=<dir>       (setup) offline: reuse this Python's torch & co, add the wheels in <dir>"
 	@echo
 	@echo "Example: make setup && make recipe=general train"
 
@@ -76,7 +76,10 @@ $(VENV)/.installed: pyproject.toml
 	echo "using $$py ($$($$py --version))"; \
 	if [ -n "$(WHEELS)" ]; then \
 	  $$py -m venv --system-site-packages $(VENV); \
-	  $(VENV)/bin/pip install --no-index --find-links "$(WHEELS)" --no-build-isolation -e ".[test]"; \
+	  parent=$$($$py -c 'import site; print(site.getsitepackages()[0])'); \
+	  echo "$$parent" > $$($(VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_parent_site.pth; \
+	  $(VENV)/bin/pip install --no-index --no-deps --no-compile "$(WHEELS)"/*.whl; \
+	  $(VENV)/bin/pip install --no-index --no-deps --no-build-isolation -e .; \
 	else \
 	  $$py -m venv $(VENV); \
 	  $(VENV)/bin/pip install -q --upgrade pip; \
