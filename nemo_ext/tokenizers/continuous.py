@@ -49,10 +49,10 @@ def build_tiny_autoencoder(cfg: TokenizerConfig):
             latents_mean=None,
             latents_std=None,
         )
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device="cpu").manual_seed(0)
     frames = 1 + 2 * cfg.temporal_compression
     size = 8 * cfg.spatial_compression
-    coarse = torch.rand(8, 3, 3, 8, 8, generator=gen) * 2 - 1
+    coarse = torch.rand(8, 3, 3, 8, 8, generator=gen, device="cpu") * 2 - 1
     videos = F.interpolate(coarse, size=(frames, size, size), mode="trilinear")
     with torch.no_grad():
         z = vae.encode(videos).latent_dist.mode()

@@ -1,6 +1,8 @@
 """Per-step metrics: one console line every ``trainer.log_every_n_steps`` steps and the same values in
-the loggers (TensorBoard by default): loss, grad norm, lr, step time, samples/s, TFLOP/s per GPU,
-MFU (against the GPU's dense bf16 peak) and memory.
+the loggers (TensorBoard by default): loss (mean over the steps since the last line: the diffusion
+loss of a single step varies a lot with its random noise levels), grad norm and lr (of the last
+step), step time, samples/s, TFLOP/s per GPU, MFU (against the GPU's dense bf16 peak) and memory.
+The per-step loss is logged to the loggers as ``train/loss`` as well.
 
 Global rank 0 also appends each logged row to ``<run>/metrics.jsonl`` (one JSON object per line).
 
@@ -60,6 +62,7 @@ class StepMetrics(pl.Callback):
         self.world_size = world_size
         self._last_end: Optional[float] = None
         self._window: list[float] = []
+        self._window_losses: list[float] = []
         self.history: list[dict] = []
         # Set once the run directory exists; global rank 0 appends one JSON line per logged step.
         self.metrics_path: Optional[Path] = None
@@ -72,19 +75,22 @@ class StepMetrics(pl.Callback):
         if self._last_end is not None:
             self._window.append(now - self._last_end)
         self._last_end = now
+        stats = dict(pl_module.last_stats)
+        self._window_losses.append(stats.get("loss", float("nan")))
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
-        stats = dict(pl_module.last_stats)
         step_time = sum(self._window) / max(1, len(self._window))
+        loss = sum(self._window_losses) / len(self._window_losses)
         self._window.clear()
+        self._window_losses.clear()
         device = trainer.strategy.root_device
         samples_per_s = self.gbs / step_time if step_time > 0 else float("nan")
         tflops = self.flops_per_sample * samples_per_s / self.world_size / 1e12
         peak = peak_flops(device)
         row = {
             "step": step,
-            "loss": stats.get("loss", float("nan")),
+            "loss": loss,
             "grad_norm": stats.get("grad_norm", float("nan")),
             "lr": stats.get("lr", float("nan")),
             "step_time_s": step_time,

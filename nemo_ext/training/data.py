@@ -8,6 +8,7 @@ samples it would have seen without the interruption.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_ext.data.dataset import DataParallelBatchSampler, VideoClipDataset, collate_clips
@@ -17,6 +18,27 @@ from nemo_ext.data.shards import ShardIndex
 def data_source(cfg) -> str:
     """``data.path`` or, when unset, the sample-world directory."""
     return cfg.data.path or cfg.data.sample_dir
+
+
+def ensure_sample_data(cfg) -> None:
+    """Generate the procedural sample world of ``cfg.data`` when no data path is given (a no-op
+    when it already exists with the same parameters). Global rank 0 writes, the others wait."""
+    if cfg.data.path:
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from data_prep.sample_world import generate
+
+        generate(
+            out_dir=cfg.data.sample_dir,
+            variant=cfg.data.sample_variant,
+            num_videos=cfg.data.sample_num_videos,
+            num_frames=cfg.data.sample_num_frames,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            seed=0,
+        )
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def build_train_dataloader(cfg, task, start_step: int = 0) -> torch.utils.data.DataLoader:

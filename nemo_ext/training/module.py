@@ -232,8 +232,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _reduce_loss(self, losses) -> float:
         """Mean microbatch loss on the last stage, shared with every rank (average over DP)."""
-        device = next(iter(self.world_model.parameters())).device if self.plan.device == "cuda" else "cpu"
-        value = torch.zeros(1, device=device, dtype=torch.float32)
+        value = torch.zeros(1, device=next(self.world_model.parameters()).device, dtype=torch.float32)
         if parallel_state.is_pipeline_last_stage() and losses:
             value += torch.stack([d["loss"].float() for d in losses]).mean()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -13,29 +13,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nemo_ext.config.plan import RunPlan
+from nemo_ext.training.data import ensure_sample_data
 
 logger = logging.getLogger(__name__)
-
-
-def ensure_sample_data(cfg) -> None:
-    """Generate the procedural sample world when no data path is given (global rank 0 writes,
-    the others wait)."""
-    if cfg.data.path:
-        return
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        from data_prep.sample_world import generate
-
-        generate(
-            out_dir=cfg.data.sample_dir,
-            variant=cfg.data.sample_variant,
-            num_videos=cfg.data.sample_num_videos,
-            num_frames=cfg.data.sample_num_frames,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            seed=0,
-        )
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def exp_manager_config(cfg, plan: RunPlan) -> dict:

@@ -17,6 +17,7 @@ The process is started by the launcher, never by Lightning (no Lightning launche
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -169,6 +170,12 @@ class MegatronStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             module.connect_megatron_hooks()
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init=None):
+        """Build on the CPU (megatron's use_cpu_initialization splits master weights there); setup
+        moves the module to the device. Lightning's default would make CUDA the default device."""
+        yield
 
     def model_to_device(self) -> None:
         self.lightning_module.to(self.root_device)

@@ -25,6 +25,12 @@ def test_overfit_fixed_batch_lowers_the_loss(train_cli, tmp_path):
     assert (run.run_dir / "config.yaml").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in run.run_dir.iterdir())
 
+    # A new run initialized from those weights starts where the first one ended, not from scratch.
+    warm = train_cli([*TINY, *world, "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=20",
+                      f"trainer.init_from={run.run_dir}"], run_name="warm_start")
+    warm_losses = [warm.metrics()[s]["loss"] for s in range(1, 21)]
+    assert sum(warm_losses) / 20 < 0.85 * first, (sum(warm_losses) / 20, first, last)
+
 
 def test_killed_run_resumes_with_identical_steps(train_cli, sample_world, tmp_path):
     common = [*TINY, f"data.sample_dir={sample_world}", "data.sample_num_videos=16", "trainer.max_steps=6",

@@ -136,7 +136,7 @@ class RoPE3D(nn.Module):
 
 
 class LearnablePosEmbed(nn.Module):
-    """Per-axis learnable absolute embedding, summed and RMS-normalized ([S, 1, D], fp32 params)."""
+    """Per-axis learnable absolute embedding, summed and RMS-normalized in fp32 ([S, 1, D])."""
 
     def __init__(self, hidden_size: int, max_grid: Sequence[int], eps: float = 1e-6, init_std: float = 0.02):
         super().__init__()

@@ -151,10 +151,10 @@ class CosmosDiT(MegatronModule):
             self.final_layer = FinalLayer(d, arch.adaln_lora_dim, patch_vol * arch.latent_channels)
 
         self._init_replicated_weights(arch.init_std)
-        dtype = config.params_dtype
-        for name, module in self.named_children():
-            if name != "extra_pos_embed":  # kept in fp32, as the reference does
-                module.to(dtype)
+        # Every parameter in params_dtype (the optimizer keeps fp32 master copies): megatron's
+        # mixed-precision optimizer cannot checkpoint fp32 params mixed into a bf16 model. The
+        # position embedding, kept in fp32 by the reference, still computes its norm in fp32.
+        self.to(config.params_dtype)
         mark_pipeline_replicated(self.time_embed)
         if self.extra_pos_embed is not None:
             mark_pipeline_replicated(self.extra_pos_embed)
