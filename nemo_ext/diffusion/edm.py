@@ -49,11 +49,11 @@ class EDM:
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
     def noisy_input(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return x0 + _bcast(sigma, x0) * noise
+        return x0 + broadcast_to(sigma, x0) * noise
 
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, net_out: torch.Tensor) -> torch.Tensor:
         c_skip, c_out, _, _ = self.preconditioning(sigma)
-        return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * net_out
+        return broadcast_to(c_skip, x_t) * x_t + broadcast_to(c_out, x_t) * net_out
 
     def loss(self, x0: torch.Tensor, x0_pred: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample weighted MSE, shape [B]."""
@@ -66,5 +66,5 @@ class EDM:
         return math.log(self.cfg.sigma_min), math.log(self.cfg.sigma_max)
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def broadcast_to(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)

@@ -1,18 +1,16 @@
-"""Lightning module of the diffusion family: EDM post-training of the Cosmos DiT.
+"""The Lightning module every model family trains with (one training loop for all of them).
 
 One ``training_step`` is one optimizer step over a global batch: it pulls this data-parallel
 rank's microbatches from the loader, lets megatron's forward/backward schedule run them (1F1B
-under pipeline parallelism), then steps megatron's optimizer and the LR schedule. Noise levels and
-noise are drawn per sample from a generator seeded by the sample's position in the data stream:
-every layout sees the same draw, and a resumed run repeats the exact next step.
+under pipeline parallelism), then steps megatron's optimizer and the LR schedule. A family
+subclass provides the model (``build_world_model``), how a loader batch becomes a microbatch
+(``prepare_microbatch``) and the forward pass with its loss (``forward_step``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from functools import partial
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -21,16 +19,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_ext.diffusion.edm import EDM, _bcast
 from nemo_ext.tasks import get_task
 
 logger = logging.getLogger(__name__)
-
-
-def noise_seed(train_seed: int, sample_seed: int) -> int:
-    """Seed of one sample's diffusion noise: the loader's per-position sample seed mixed with
-    ``trainer.seed`` (so the noise can be varied independently of the clip choice)."""
-    return (train_seed * 0x9E3779B1 + sample_seed) % (2**63 - 1)
 
 
 class _Microbatches:
@@ -54,14 +45,13 @@ class _Microbatches:
         return out
 
 
-class DiffusionModule(pl.LightningModule):
+class WorldModelModule(pl.LightningModule):
     def __init__(self, cfg, plan):
         super().__init__()
         self.cfg = cfg
         self.plan = plan
         self.automatic_optimization = False
         self.task = get_task(cfg.task.name)
-        self.edm = EDM(cfg.model.edm)
         self.world_model: Optional[torch.nn.Module] = None
         self._chunks: list = []
         self.last_stats: dict = {}
@@ -71,35 +61,34 @@ class DiffusionModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.world_model is not None:
             return
-        from nemo_ext.conditioning.text import T5TextEncoder
-        from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
-        from nemo_ext.models.world_model import WorldModel
-        from nemo_ext.tokenizers.continuous import ContinuousVideoTokenizer
-
-        m = self.cfg.model
-        dtype = self.plan.dtype
-        self.tokenizer = ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
-        self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype)
-        config = build_transformer_config(m, self.cfg.parallel, dtype)
-        net = CosmosDiT(
-            config,
-            m,
-            extra_channels=self.plan.extra_channels,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-        )
-        conditioner = self.task.build_conditioner(self.cfg.task, m)
-        self.world_model = WorldModel(config, net, conditioner)
+        self.world_model = self.build_world_model()
         if self.cfg.trainer.init_from:
             from nemo_ext.training.checkpoint import load_weights
 
             load_weights(self, self.cfg.trainer.init_from)
 
+    def build_world_model(self) -> torch.nn.Module:
+        """The trained megatron model (a WorldModel) of this pipeline stage; frozen helpers
+        (tokenizers, text encoders) are attached to ``self`` here too."""
+        raise NotImplementedError
+
+    def prepare_microbatch(self, raw: dict, index: int) -> dict:
+        """A loader batch -> the model's inputs on this rank's device."""
+        raise NotImplementedError
+
+    def forward_step(self, data_iterator, model):
+        """megatron's forward step: (output, loss_func) for the next microbatch."""
+        raise NotImplementedError
+
+    @property
+    def compute_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
+
     @property
     def megatron_config(self):
         return self.world_model.config
 
-    def wrap_ddp(self, overrides: dict) -> None:
+    def wrap_ddp(self) -> None:
         par = self.cfg.parallel
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -107,7 +96,6 @@ class DiffusionModule(pl.LightningModule):
             overlap_param_gather=par.overlap_param_gather,
             use_distributed_optimizer=par.distributed_optimizer,
             check_for_nan_in_grad=True,
-            **overrides,
         )
         self._chunks = [DistributedDataParallel(self.megatron_config, ddp_config, self.world_model)]
         for chunk in self._chunks:
@@ -151,54 +139,7 @@ class DiffusionModule(pl.LightningModule):
 
         return build_train_dataloader(self.cfg, self.task, start_step=self.trainer.global_step)
 
-    def prepare_microbatch(self, raw: dict, index: int) -> dict:
-        """Move a loader batch to the device, encode video and captions with the frozen encoders,
-        and draw each sample's noise level and noise from a generator seeded by the sample's
-        position in the data stream: every layout (TP/PP/DP, microbatching) and a resumed run
-        see identical draws."""
-        device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
-        latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
-        gen = torch.Generator(device=device)
-        sigmas, noises, captions = [], [], []
-        p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
-        for caption, seed in zip(raw["caption"], raw["sample_seed"].tolist()):
-            gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
-            sigmas.append(self.edm.sample_sigma(1, gen))
-            noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
-            dropped = p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop
-            captions.append("" if dropped else caption)
-        context, context_mask = self.text_encoder.encode(captions, device)
-        fps = self.cfg.data.fps
-        if fps is None and "fps" in raw:
-            fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate
-        batch = {k: v for k, v in raw.items() if k != "video"}
-        batch.update(
-            latents=latents,
-            context=context,
-            context_mask=context_mask,
-            sigma=torch.cat(sigmas),
-            noise=torch.stack(noises),
-            fps=fps,
-        )
-        return batch
-
-    # ---------------- step ----------------
-    def forward_step(self, data_iterator, model):
-        mb = next(data_iterator)
-        x0, sigma = mb["latents"], mb["sigma"]
-        x_t = self.edm.noisy_input(x0, sigma, mb["noise"])
-        _, _, c_in, c_noise = self.edm.preconditioning(sigma)
-        out = model(x_t * _bcast(c_in, x_t), c_noise, mb, fps=mb["fps"])
-        return out, partial(self._loss, x0, x_t, sigma)
-
-    def _loss(self, x0, x_t, sigma, output):
-        x0_pred = self.edm.denoise(x_t, sigma, output.float())
-        loss = self.edm.loss(x0, x0_pred, sigma).mean()
-        # clone: megatron divides the returned loss in place by the number of microbatches
-        return loss, {"loss": loss.detach().clone()}
-
     def training_step(self, dataloader_iter):
-        t0 = time.perf_counter()
         opt = self.optimizers()
         sched = self.lr_schedulers()
         for chunk in self._chunks:
@@ -221,7 +162,6 @@ class DiffusionModule(pl.LightningModule):
             "loss": loss,
             "grad_norm": inner.last_grad_norm if inner.last_grad_norm is not None else float("nan"),
             "lr": sched.lr,
-            "compute_time": time.perf_counter() - t0,
         }
         self.last_stats = stats
         self._check_finite(loss)

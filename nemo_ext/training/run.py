@@ -72,6 +72,15 @@ def build_trainer(cfg, plan: RunPlan):
     )
 
 
+def family_module(family: str):
+    """The Lightning module class of a model family (all share WorldModelModule's loop)."""
+    if family == "diffusion":
+        from nemo_ext.training.diffusion import DiffusionModule
+
+        return DiffusionModule
+    raise ValueError(f"family={family!r}: no training module for this family yet")
+
+
 class _quiet:
     def __init__(self, log):
         self.log, self.level = log, None
@@ -90,7 +99,6 @@ def run_training(cfg, plan: RunPlan, composed=None):
     from nemo.utils import logging as nemo_logging
     from nemo.utils.exp_manager import exp_manager
 
-    from nemo_ext.training.module import DiffusionModule
     from nemo_ext.training.strategy import init_distributed, init_model_parallel
 
     init_distributed(plan.device)
@@ -112,6 +120,6 @@ def run_training(cfg, plan: RunPlan, composed=None):
     if trainer.is_global_zero:
         resolved = composed if composed is not None else OmegaConf.structured(cfg)
         (log_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    module = DiffusionModule(cfg, plan)
+    module = family_module(cfg.family)(cfg, plan)
     trainer.fit(module, ckpt_path=trainer.ckpt_path)
     return trainer

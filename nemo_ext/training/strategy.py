@@ -120,7 +120,7 @@ def _free_port() -> int:
 class MegatronStrategy(ParallelStrategy):
     strategy_name = "megatron"
 
-    def __init__(self, parallel_cfg, device: str, seed: int, ddp_overrides: Optional[dict] = None):
+    def __init__(self, parallel_cfg, device: str, seed: int):
         self._device_type = device
         env = LauncherEnvironment()
         root = torch.device("cuda", env.local_rank()) if device == "cuda" else torch.device("cpu")
@@ -133,7 +133,6 @@ class MegatronStrategy(ParallelStrategy):
         )
         self.parallel_cfg = parallel_cfg
         self.seed = seed
-        self.ddp_overrides = ddp_overrides or {}
         self._launcher = None
         self._model_sharded_sd = None
 
@@ -141,15 +140,6 @@ class MegatronStrategy(ParallelStrategy):
     @property
     def root_device(self) -> torch.device:
         return self.parallel_devices[0]
-
-    @property
-    def distributed_sampler_kwargs(self) -> Dict[str, Any]:
-        from megatron.core import parallel_state
-
-        return {
-            "num_replicas": parallel_state.get_data_parallel_world_size(),
-            "rank": parallel_state.get_data_parallel_rank(),
-        }
 
     def _configure_launcher(self) -> None:
         self._launcher = None
@@ -165,8 +155,8 @@ class MegatronStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         self.model = module
-        module.to(self.root_device)
-        module.wrap_ddp(self.ddp_overrides)
+        self.model_to_device()
+        module.wrap_ddp()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             module.connect_megatron_hooks()
@@ -200,9 +190,6 @@ class MegatronStrategy(ParallelStrategy):
         if reduce_op in ("mean", "avg") or str(reduce_op).lower().endswith("mean"):
             out = out / dist.get_world_size(group)
         return out
-
-    def teardown(self) -> None:
-        super().teardown()
 
     # ---- checkpoints: megatron dist_checkpointing ----
     @property

@@ -180,10 +180,7 @@ class ContextCrossAttention(Attention):
         )
         if config.num_query_groups != config.num_attention_heads:
             raise ValueError("grouped-query attention is not supported in the DiT cross-attention")
-        self.linear_q = build_module(
-            submodules.linear_q,
-            config.hidden_size,
-            self.query_projection_size,
+        column = dict(
             config=config,
             init_method=config.init_method,
             gather_output=False,
@@ -192,18 +189,8 @@ class ContextCrossAttention(Attention):
             is_expert=False,
             tp_group=self.pg_collection.tp,
         )
-        self.linear_kv = build_module(
-            submodules.linear_kv,
-            context_dim,
-            2 * self.kv_projection_size,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=config.add_bias_linear,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_group=self.pg_collection.tp,
-        )
+        self.linear_q = build_module(submodules.linear_q, config.hidden_size, self.query_projection_size, **column)
+        self.linear_kv = build_module(submodules.linear_kv, context_dim, 2 * self.kv_projection_size, **column)
         hn = self.hidden_size_per_attention_head
         norm_q = submodules.q_layernorm
         norm_k = submodules.k_layernorm

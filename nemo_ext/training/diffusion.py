@@ -1,0 +1,94 @@
+"""Diffusion family: EDM post-training of the Cosmos DiT.
+
+Video is encoded by the frozen continuous tokenizer and captions by the frozen T5 on the fly.
+Each sample's noise level and noise come from a generator seeded by the sample's position in the
+data stream: every layout (TP/PP/DP, microbatching) and a resumed run see identical draws.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_ext.diffusion.edm import EDM, broadcast_to
+from nemo_ext.training.module import WorldModelModule
+
+
+def noise_seed(train_seed: int, sample_seed: int) -> int:
+    """Seed of one sample's diffusion noise: the loader's per-position sample seed mixed with
+    ``trainer.seed`` (so the noise can be varied independently of the clip choice)."""
+    return (train_seed * 0x9E3779B1 + sample_seed) % (2**63 - 1)
+
+
+class DiffusionModule(WorldModelModule):
+    def __init__(self, cfg, plan):
+        super().__init__(cfg, plan)
+        self.edm = EDM(cfg.model.edm)
+
+    def build_world_model(self):
+        from nemo_ext.conditioning.text import T5TextEncoder
+        from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
+        from nemo_ext.models.world_model import WorldModel
+        from nemo_ext.tokenizers.continuous import ContinuousVideoTokenizer
+
+        m = self.cfg.model
+        dtype = self.plan.dtype
+        self.tokenizer = ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
+        self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype)
+        config = build_transformer_config(m, self.cfg.parallel, dtype)
+        net = CosmosDiT(
+            config,
+            m,
+            extra_channels=self.plan.extra_channels,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m))
+
+    def prepare_microbatch(self, raw: dict, index: int) -> dict:
+        """Move a loader batch to the device, encode video and captions with the frozen encoders,
+        and draw each sample's noise level and noise from a generator seeded by the sample's
+        position in the data stream: every layout (TP/PP/DP, microbatching) and a resumed run
+        see identical draws."""
+        device = self.compute_device
+        latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
+        gen = torch.Generator(device=device)
+        sigmas, noises, captions = [], [], []
+        p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
+        for caption, seed in zip(raw["caption"], raw["sample_seed"].tolist()):
+            gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
+            sigmas.append(self.edm.sample_sigma(1, gen))
+            noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
+            dropped = p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop
+            captions.append("" if dropped else caption)
+        context, context_mask = self.text_encoder.encode(captions, device)
+        fps = self.cfg.data.fps
+        if fps is None and "fps" in raw:
+            fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate
+        batch = {k: v for k, v in raw.items() if k != "video"}
+        batch.update(
+            latents=latents,
+            context=context,
+            context_mask=context_mask,
+            sigma=torch.cat(sigmas),
+            noise=torch.stack(noises),
+            fps=fps,
+        )
+        return batch
+
+    def forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        x0, sigma = mb["latents"], mb["sigma"]
+        x_t = self.edm.noisy_input(x0, sigma, mb["noise"])
+        _, _, c_in, c_noise = self.edm.preconditioning(sigma)
+        out = model(x_t * broadcast_to(c_in, x_t), c_noise, mb, fps=mb["fps"])
+        return out, partial(self._loss, x0, x_t, sigma)
+
+    def _loss(self, x0, x_t, sigma, output):
+        x0_pred = self.edm.denoise(x_t, sigma, output.float())
+        loss = self.edm.loss(x0, x0_pred, sigma).mean()
+        # clone: megatron divides the returned loss in place by the number of microbatches
+        return loss, {"loss": loss.detach().clone()}
+
