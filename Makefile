@@ -37,7 +37,11 @@ endif
 
 RECIPE_ARGS := --recipe $(recipe) --family $(FAMILY) $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data.path=$(DATA))
 
-.PHONY: help setup train print-config test test-full sample-data clean-venv
+CMD ?=
+FROM ?=
+TO ?=
+
+.PHONY: help setup train print-config convert test test-full sample-data clean-venv
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -101,6 +105,11 @@ train: ## Post-train: make recipe=<task> train [MODEL= DATA= NGPU= ARGS=]
 print-config: ## Print the resolved config of a recipe (with MODEL/DATA/ARGS applied)
 	$(need_venv)
 	@$(PY) -m nemo_ext.cli.train $(RECIPE_ARGS) $(DEVICE_ARG) $(ARGS) --print-config
+
+convert: ## Convert checkpoints: make convert CMD=import|export FROM=<dir> TO=<dir> [MODEL=dit_7b]
+	$(need_venv)
+	@test -n "$(CMD)" -a -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make convert CMD=import|export FROM=<dir> TO=<dir> [MODEL=<preset>]"; exit 2; }
+	$(PY) -m nemo_ext.cli.convert $(CMD) --from $(FROM) --to $(TO) $(if $(and $(MODEL),$(filter import,$(CMD))),--model $(MODEL)) $(ARGS)
 
 sample-data: ## Generate the procedural sample world of a recipe into data/sample/<variant>/
 	$(need_venv)

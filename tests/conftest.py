@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_multi)
         elif "gpu" in item.keywords and n < 1:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A one-process gloo group with megatron's TP1/PP1 state in the test process (the CPU layer
+    is enabled when no GPU is visible, as the trainer does)."""
+    import types
+
+    import torch
+
+    from nemo_ext.training.strategy import init_distributed, init_model_parallel
+
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(var, value)
+    init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    init_model_parallel(types.SimpleNamespace(tp=1, pp=1, cp=1), seed=0)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -28,17 +28,18 @@ class CliRun:
 
 
 def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", timeout: int = 900,
-            check: bool = True, recipe: str = "general", background: bool = False):
-    """Run ``python -m nemo_ext.cli.train`` on CPU (``torchrun`` when nproc > 1), the path a user's
-    run takes. Returns a CliRun, or with ``background=True`` a (Popen, run_dir) pair."""
-    args = ["--recipe", recipe, "trainer.device=cpu", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
+            check: bool = True, recipe: str = "general", background: bool = False, device: str = "cpu"):
+    """Run ``python -m nemo_ext.cli.train`` (``torchrun`` when nproc > 1) on ``device`` (cpu: gloo,
+    gpu: NCCL), the path a user's run takes. Returns a CliRun, or with ``background=True`` a
+    (Popen, run_dir) pair."""
+    args = ["--recipe", recipe, f"trainer.device={device}", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
             f"run_name={run_name}", *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "nemo_ext.cli.train", *args]
     else:
         cmd = [sys.executable, "-m", "nemo_ext.cli.train", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0")
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"  # 2-core CI machines: no thread oversubscription
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -93,10 +93,6 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
             f"the world size {world_size} (processes launched: NGPU x nodes)"
         )
     dp = world_size // model_parallel
-    if par.cp > 1:
-        raise ConfigError(
-            f"parallel.cp={par.cp}: context parallelism is not available yet for the {cfg.family} family; use cp=1"
-        )
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if m.hidden_size % m.num_attention_heads:
@@ -141,11 +137,20 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
             raise ConfigError(f"the clip's latent {axis} extent ({g} patches) exceeds model.max_size ({mg} patches)")
     if latent_shape[1] % m.patch_size[0]:
         raise ConfigError(f"latent frames {latent_shape[1]} not divisible by model.patch_size[0]={m.patch_size[0]}")
+    if m.video2world and not 0 < m.condition_latent_frames < latent_shape[1]:
+        raise ConfigError(
+            f"model.condition_latent_frames={m.condition_latent_frames} must be between 1 and the clip's "
+            f"{latent_shape[1]} latent frames - 1 (data.num_frames={d.num_frames})"
+        )
     num_tokens = m.num_tokens(latent_shape[1:])
     context_len = m.text_encoder.max_length
+    token_split = par.cp * (par.tp if par.sequence_parallel else 1)
+    if num_tokens % token_split:
+        raise ConfigError(
+            f"{num_tokens} video tokens per sample cannot be split over parallel.cp={par.cp}"
+            + (f" x parallel.tp={par.tp} (sequence parallel)" if par.sequence_parallel else "")
+        )
     if par.sequence_parallel:
-        if num_tokens % par.tp:
-            raise ConfigError(f"sequence parallelism: {num_tokens} video tokens per sample are not divisible by parallel.tp={par.tp}")
         if context_len % par.tp:
             raise ConfigError(f"sequence parallelism: model.text_encoder.max_length={context_len} is not divisible by parallel.tp={par.tp}")
 

@@ -55,10 +55,15 @@ class EDM:
         c_skip, c_out, _, _ = self.preconditioning(sigma)
         return broadcast_to(c_skip, x_t) * x_t + broadcast_to(c_out, x_t) * net_out
 
-    def loss(self, x0: torch.Tensor, x0_pred: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Per-sample weighted MSE, shape [B]."""
+    def loss(self, x0: torch.Tensor, x0_pred: torch.Tensor, sigma: torch.Tensor, mask=None) -> torch.Tensor:
+        """Per-sample weighted MSE, shape [B]; with ``mask`` (broadcastable to x0, 1 = counts) the
+        mean is over the masked elements only."""
         err = (x0_pred.float() - x0.float()) ** 2
-        per_sample = err.flatten(1).mean(1)
+        if mask is None:
+            per_sample = err.flatten(1).mean(1)
+        else:
+            mask = mask.float().expand_as(err)
+            per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
         return per_sample * self.loss_weight(sigma.float())
 
     @property

@@ -52,15 +52,31 @@ def make_pipeline_replicas(sharded_sd: dict, prefixes: Iterable[str]) -> None:
             value.replica_id = (pp_rank,) + rid[1:]
 
 
-def sequence_slice(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """This TP rank's contiguous chunk of ``x`` along ``dim`` (plain indexing, no communication:
-    its backward zero-fills, so upstream replicated params receive partial grads, see above)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
+def _chunk(x: torch.Tensor, dim: int, parts: int, index: int, what: str) -> torch.Tensor:
+    if parts == 1:
         return x
     size = x.shape[dim]
-    if size % tp:
-        raise ValueError(f"sequence length {size} is not divisible by the tensor-parallel size {tp}")
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    chunk = size // tp
-    return x.narrow(dim, rank * chunk, chunk)
+    if size % parts:
+        raise ValueError(f"sequence length {size} is not divisible by the {what} size {parts}")
+    return x.narrow(dim, index * (size // parts), size // parts)
+
+
+def local_tokens(x: torch.Tensor, sequence_parallel: bool, dim: int = 0) -> torch.Tensor:
+    """This rank's tokens of a full-sequence tensor: its context-parallel chunk, then (under
+    sequence parallelism) its tensor-parallel sub-chunk. Plain indexing, no communication: the
+    backward zero-fills, so replicated params upstream receive partial grads (see above; summed
+    over TP by the ``sequence_parallel`` attribute and over CP by megatron's DP x CP reduction)."""
+    x = _chunk(
+        x, dim, parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank(), "context-parallel"
+    )
+    if sequence_parallel:
+        x = sequence_slice(x, dim)
+    return x
+
+
+def sequence_slice(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """This TP rank's contiguous chunk of ``x`` along ``dim`` (sequence parallelism)."""
+    return _chunk(
+        x, dim, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank(),
+        "tensor-parallel",
+    )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from nemo.utils.callbacks.nemo_model_checkpoint import NeMoModelCheckpoint
 
+from nemo_ext.models.dit.config import architecture_diff
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,10 +86,35 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def load_weights(module, path: str) -> None:
-    """Model weights only (no optimizer/loop state) from a checkpoint, at this run's layout."""
+    """Model weights only (no optimizer/loop state) from a checkpoint, at this run's layout.
+
+    The checkpoint may come from another run or from ``convert import``: modules it does not have
+    that a task adds (``conditioner.*``, new and zero-initialized by design) keep their init;
+    anything else missing, or an architecture that differs, is an error naming it."""
+    import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     ckpt = resolve_checkpoint(path)
-    logger.info("initializing weights from %s", ckpt)
-    loaded = dist_checkpointing.load({"state_dict": module.sharded_state_dict()}, str(ckpt))
-    module.load_megatron_state_dict(loaded["state_dict"], strict=True)
+    saved = (dist_checkpointing.load_content_metadata(str(ckpt)) or {}).get("model")
+    if saved:
+        diffs = architecture_diff(saved, module.cfg.model.architecture())
+        if diffs:
+            raise ValueError(
+                f"trainer.init_from={path}: the checkpoint's model (first) differs from this run's model: " + "; ".join(diffs)
+            )
+    available = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    template = {}
+    fresh = []
+    for key, value in module.sharded_state_dict().items():
+        if isinstance(value, ShardedObject):  # _extra_state: nothing to load for weights
+            continue
+        if value.key in available:
+            template[key] = value
+        elif key.startswith("model.conditioner."):
+            fresh.append(key)
+        else:
+            raise ValueError(f"trainer.init_from={path}: the checkpoint has no tensor {value.key!r}")
+    logger.info("initializing weights from %s%s", ckpt, f" ({len(fresh)} new task tensors keep their init)" if fresh else "")
+    loaded = dist_checkpointing.load({"state_dict": template}, str(ckpt))
+    module.load_megatron_state_dict(loaded["state_dict"], strict=False)

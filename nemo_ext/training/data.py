@@ -7,6 +7,8 @@ samples it would have seen without the interruption.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -36,6 +38,7 @@ def ensure_sample_data(cfg) -> None:
             height=cfg.data.height,
             width=cfg.data.width,
             seed=0,
+            workers=max(1, min(8, (os.cpu_count() or 1) - 1)),  # same bytes for any worker count
         )
     if dist.is_initialized():
         dist.barrier()

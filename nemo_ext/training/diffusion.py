@@ -57,12 +57,15 @@ class DiffusionModule(WorldModelModule):
         gen = torch.Generator(device=device)
         sigmas, noises, captions = [], [], []
         p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
+        cond_noises = []
         for caption, seed in zip(raw["caption"], raw["sample_seed"].tolist()):
             gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
             sigmas.append(self.edm.sample_sigma(1, gen))
             noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
             dropped = p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop
             captions.append("" if dropped else caption)
+            if self.cfg.model.video2world:
+                cond_noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
         context, context_mask = self.text_encoder.encode(captions, device)
         fps = self.cfg.data.fps
         if fps is None and "fps" in raw:
@@ -76,6 +79,8 @@ class DiffusionModule(WorldModelModule):
             noise=torch.stack(noises),
             fps=fps,
         )
+        if cond_noises:
+            batch["cond_noise"] = torch.stack(cond_noises)
         return batch
 
     def forward_step(self, data_iterator, model):
@@ -83,12 +88,35 @@ class DiffusionModule(WorldModelModule):
         x0, sigma = mb["latents"], mb["sigma"]
         x_t = self.edm.noisy_input(x0, sigma, mb["noise"])
         _, _, c_in, c_noise = self.edm.preconditioning(sigma)
-        out = model(x_t * broadcast_to(c_in, x_t), c_noise, mb, fps=mb["fps"])
-        return out, partial(self._loss, x0, x_t, sigma)
+        x_in = x_t * broadcast_to(c_in, x_t)
+        net_kwargs = {"fps": mb["fps"]}
+        given = None
+        if self.cfg.model.video2world:
+            x_in, given, net_kwargs["condition_mask"] = self._video2world_input(x0, x_in, sigma, mb["cond_noise"])
+        out = model(x_in, c_noise, mb, **net_kwargs)
+        return out, partial(self._loss, x0, x_t, sigma, given)
 
-    def _loss(self, x0, x_t, sigma, output):
+    def _video2world_input(self, x0, x_in, sigma, cond_noise):
+        """Video2World, as Cosmos-1 trains and samples it: the first latent frames are the clean
+        clip plus a little noise (``model.condition_augment_sigma``), scaled for that noise level;
+        the condition-mask channel marks them; their prediction is replaced by the truth and they
+        carry no loss. Returns (model input, per-sample given-frame indicator, condition mask)."""
+        m = self.cfg.model
+        b, _, t, h, w = x0.shape
+        frames = torch.zeros(1, 1, t, 1, 1, device=x0.device, dtype=x0.dtype)
+        frames[:, :, : m.condition_latent_frames] = 1.0
+        aug = torch.full_like(sigma, m.condition_augment_sigma)
+        _, _, c_in_aug, _ = self.edm.preconditioning(aug)
+        cond_in = (x0 + broadcast_to(aug, x0) * cond_noise) * broadcast_to(c_in_aug, x0)
+        # A sample whose noise level is below the augmentation level is generated whole.
+        given = frames * broadcast_to((sigma > aug).to(x0.dtype), x0)
+        x_in = given * cond_in + (1 - given) * x_in
+        return x_in, given, frames.expand(b, 1, t, h, w)
+
+    def _loss(self, x0, x_t, sigma, given, output):
         x0_pred = self.edm.denoise(x_t, sigma, output.float())
-        loss = self.edm.loss(x0, x0_pred, sigma).mean()
+        if given is not None:
+            x0_pred = given * x0 + (1 - given) * x0_pred
+        loss = self.edm.loss(x0, x0_pred, sigma, mask=None if given is None else 1 - given).mean()
         # clone: megatron divides the returned loss in place by the number of microbatches
         return loss, {"loss": loss.detach().clone()}
-

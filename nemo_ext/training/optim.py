@@ -55,9 +55,28 @@ class MegatronOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self.mcore.load_state_dict(state_dict)
+        self._unshare_adam_steps()
 
-    # The distributed optimizer's state in the canonical per-parameter layout, so checkpoints
-    # reshard across TP/PP/DP and load with or without the distributed optimizer.
+    def _torch_adams_of_distributed_optimizers(self):
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.mcore, "chained_optimizers", [self.mcore]):
+            inner = getattr(opt, "optimizer", None)
+            if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
+                yield inner
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron-core 0.19's distributed optimizer restores torch Adam's per-parameter ``step``
+        as ONE tensor shared by every parameter; Adam increments it in place per parameter, so
+        after a resume the bias correction used step counts far too high (measured: updates 20-80%
+        too small at the first resumed step). Give every parameter its own copy."""
+        for inner in self._torch_adams_of_distributed_optimizers():
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+    # The distributed optimizer's state in the canonical per-parameter layout, so its
+    # checkpoints reshard across TP/PP/DP sizes (megatron's dp_reshardable would fix TP/PP).
     SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
@@ -72,12 +91,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
         template, but torch Adam creates its state lazily at the first step (megatron relies on
         apex/TE optimizers that do not). Before a resume the state is empty: create it at zero;
         the checkpoint then overwrites it."""
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-        for opt in getattr(self.mcore, "chained_optimizers", [self.mcore]):
-            inner = getattr(opt, "optimizer", None)
-            if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam):
-                continue
+        for inner in self._torch_adams_of_distributed_optimizers():
             for group in inner.param_groups:
                 for p in group["params"]:
                     state = inner.state[p]

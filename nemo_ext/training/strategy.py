@@ -18,6 +18,7 @@ The process is started by the launcher, never by Lightning (no Lightning launche
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -81,7 +82,9 @@ def init_distributed(device: str, timeout_minutes: int = 30) -> None:
 
         cpu_compat.enable()
     env = LauncherEnvironment()
-    if "MASTER_PORT" not in os.environ and env.world_size() == 1:
+    if env.world_size() == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A lone process has no peer to meet: take any free port (an inherited MASTER_PORT may be
+        # in use by the process that started us).
         os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if device == "cuda":
@@ -245,6 +248,7 @@ class MegatronStrategy(ParallelStrategy):
             "distributed_optimizer": bool(self.parallel_cfg.distributed_optimizer),
             "precision": str(module.plan.dtype).replace("torch.", ""),
             "optimizer": module.cfg.optim.name,
+            "model": dataclasses.asdict(module.cfg.model),
         }
 
     def _check_optimizer_format(self, path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -90,6 +91,16 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.backend = getattr(config, "sdpa_backend", "auto")
+        # Context parallelism (self-attention only: a cross-attention context is not split):
+        # queries stay local, keys/values are all-gathered over the CP group (the backward
+        # reduce-scatters their grads). Works with any SDPA kernel, no transformer-engine needed.
+        self.cp_group = None
+        if attention_type == "self" and config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            if self.cp_group is None:
+                from megatron.core import parallel_state
+
+                self.cp_group = parallel_state.get_context_parallel_group()
 
     def forward(
         self,
@@ -105,6 +116,9 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed (THD) sequences are not supported by the SDPA core attention")
         sq, b, np_, hn = query.shape
+        if self.cp_group is not None:
+            key = gather_from_sequence_parallel_region(key, group=self.cp_group)
+            value = gather_from_sequence_parallel_region(value, group=self.cp_group)
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)

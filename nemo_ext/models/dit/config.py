@@ -60,8 +60,12 @@ class DiTConfig:
     rope_base_fps: int = 24
     extra_pos_embed: Optional[str] = "learnable"  # learnable | null
     concat_padding_mask: bool = True
-    # Video2World: a condition-mask channel + clean conditioning latent frames (0 = Text2World).
-    condition_frames: int = 0
+    # Video2World: the model takes a condition-mask channel; the first `condition_latent_frames`
+    # latent frames of a clip are given (lightly noised) and only the rest is generated.
+    # Cosmos-1 Video2World conditions on 9 pixel frames = 2 latent frames.
+    video2world: bool = False
+    condition_latent_frames: int = 2
+    condition_augment_sigma: float = 0.001
     # Attention kernel: auto picks cuDNN > flash > efficient SDPA on GPU; "math" is the reference path.
     attention_backend: str = "auto"
     init_std: float = 0.02
@@ -70,6 +74,16 @@ class DiTConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+
+    # Fields that define the weights (checkpoints are compatible iff these agree).
+    ARCHITECTURE = (
+        "num_layers", "hidden_size", "num_attention_heads", "mlp_ratio", "context_dim", "adaln_lora_dim",
+        "latent_channels", "max_size", "patch_size", "rope_scale", "concat_padding_mask", "extra_pos_embed",
+        "video2world",
+    )
+
+    def architecture(self) -> dict:
+        return {f: _plain(getattr(self, f)) for f in self.ARCHITECTURE}
 
     # ---- derived values (computed here, once) ----
     @property
@@ -84,7 +98,7 @@ class DiTConfig:
         """Channels entering the patch embedding: latents + masks + task channels."""
         return (
             self.latent_channels
-            + (1 if self.condition_frames > 0 else 0)
+            + (1 if self.video2world else 0)
             + (1 if self.concat_padding_mask else 0)
             + extra_channels
         )
@@ -117,3 +131,17 @@ class DiTConfig:
         per_sample_params += d * d + d * 3 * d  # timestep MLP
         fwd += 2 * per_sample_params
         return 3.0 * fwd
+
+
+def _plain(value):
+    """Lists of numbers compare equal whether they came from YAML ints or JSON floats."""
+    return [float(x) for x in value] if isinstance(value, (list, tuple)) else value
+
+
+def architecture_diff(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two ``architecture()`` dicts (keys present in both)."""
+    return [
+        f"{k}: {saved[k]!r} vs {current[k]!r}"
+        for k in current
+        if k in saved and _plain(saved[k]) != _plain(current[k])
+    ]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
@@ -37,6 +38,7 @@ from nemo_ext.models.dit.embeddings import (
 )
 from nemo_ext.models.dit.layer import DiTBlock, get_dit_layer_spec, select_layer_impl, te_available
 from nemo_ext.models.parallel_utils import (
+    local_tokens,
     make_pipeline_replicas,
     mark_pipeline_replicated,
     mark_sequence_parallel_replicated,
@@ -216,14 +218,15 @@ class CosmosDiT(MegatronModule):
             temb = temb + cond.adaln.to(temb.dtype)
         if cond.adaln_lora is not None:
             adaln_lora = adaln_lora + cond.adaln_lora.to(adaln_lora.dtype)
-        if sp and temb.shape[0] == s:
-            temb, adaln_lora = sequence_slice(temb), sequence_slice(adaln_lora)
-
-        rotary = self.rope(grid, fps=fps, device=x.device)
+        # Token-dimension tensors are cut to this rank's tokens: its context-parallel chunk and,
+        # under sequence parallelism, its tensor-parallel sub-chunk (see parallel_utils).
+        if temb.shape[0] == s:
+            temb, adaln_lora = local_tokens(temb, sp), local_tokens(adaln_lora, sp)
+        # RoPE of this CP rank's tokens (the projections gather the TP sub-chunks back first).
+        rotary = local_tokens(self.rope(grid, fps=fps, device=x.device), False)
         pos = None
         if self.extra_pos_embed is not None:
-            pos = self.extra_pos_embed(grid)
-            pos = sequence_slice(pos) if sp else pos
+            pos = local_tokens(self.extra_pos_embed(grid), sp)
 
         context = context_mask = None
         if cond.context is not None:
@@ -236,7 +239,7 @@ class CosmosDiT(MegatronModule):
         hidden = None
         if self.pre_process:
             inputs = [x]
-            if self.arch.condition_frames > 0:
+            if self.arch.video2world:
                 inputs.append(condition_mask if condition_mask is not None else x.new_zeros(b, 1, t, h, w))
             if self.arch.concat_padding_mask:
                 if padding_mask is None:
@@ -252,15 +255,20 @@ class CosmosDiT(MegatronModule):
                     f"DiT input has {x_in.shape[1]} channels, the model was built for {self.in_channels} "
                     "(latents + masks + task channels)"
                 )
-            tokens = patchify(x_in.to(dtype), self.patch_size)
-            hidden = self.patch_embed(sequence_slice(tokens) if sp else tokens)
+            hidden = self.patch_embed(local_tokens(patchify(x_in.to(dtype), self.patch_size), sp))
 
         hidden = self.decoder(hidden, context, context_mask, rotary, temb, adaln_lora, pos)
         if not self.post_process:
             return hidden
         out = self.final_layer(hidden, temb, adaln_lora)
+        # Every rank gets the full output for the loss; the gathers' backward only splits (the
+        # loss is the same on all of them): TP sub-chunks first, then CP chunks.
         if sp:
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        if parallel_state.get_context_parallel_world_size() > 1:
+            out = gather_from_sequence_parallel_region(
+                out, tensor_parallel_output_grad=False, group=parallel_state.get_context_parallel_group()
+            )
         return unpatchify(out, grid, self.patch_size)
 
     @staticmethod
