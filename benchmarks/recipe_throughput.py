@@ -38,8 +38,12 @@ def _finite(x):
 
 
 def _commit() -> str:
+    """HEAD (+ "-dirty" with uncommitted changes); "unknown" outside a git checkout (e.g. a copy
+    of the tree on a GPU machine: pass --commit there)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        if out.returncode:
+            return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except OSError:
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--name", default=None, help="result file stem (default: recipe_model_hw_date)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--commit", default=None, help="commit to record (default: this checkout's HEAD)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
     result = {
         "what": f"{args.recipe} recipe training step ({args.family}, {model})",
         "date": date,
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "hardware": hw,
         "command": " ".join(cmd),
         "nproc": args.nproc,
