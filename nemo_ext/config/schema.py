@@ -98,6 +98,8 @@ class TrainerConfig:
     seed: int = 1234
     # Stop with an error when the loss is not finite for this many consecutive steps.
     max_nonfinite_steps: int = 3
+    # Keep an exponential moving average of the weights (e.g. 0.9999); exported by default.
+    ema_decay: Optional[float] = None
 
 
 @dataclass

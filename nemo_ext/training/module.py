@@ -56,6 +56,7 @@ class WorldModelModule(pl.LightningModule):
         self._chunks: list = []
         self.last_stats: dict = {}
         self._nonfinite_steps = 0
+        self.ema = None
 
     # ---------------- model ----------------
     def configure_model(self) -> None:
@@ -102,6 +103,10 @@ class WorldModelModule(pl.LightningModule):
             chunk.broadcast_params()  # identical replicas, whatever each rank initialized
 
     def connect_megatron_hooks(self) -> None:
+        if self.cfg.trainer.ema_decay:
+            from nemo_ext.training.ema import WeightEMA
+
+            self.ema = WeightEMA(self.world_model, self.cfg.trainer.ema_decay)
         config = self.megatron_config
         opt = self.optimizers(use_pl_optimizer=False)
         config.grad_scale_func = opt.mcore.scale_loss
@@ -114,6 +119,14 @@ class WorldModelModule(pl.LightningModule):
 
     def sharded_state_dict(self) -> dict:
         return self.world_model.sharded_state_dict(prefix="model.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.sharded_state_dict(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load(checkpoint["ema"])
 
     def load_megatron_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
@@ -156,6 +169,8 @@ class WorldModelModule(pl.LightningModule):
         )
         opt.step()
         sched.step(1)
+        if self.ema is not None:
+            self.ema.update()
         loss = self._reduce_loss(losses)
         inner = opt.optimizer
         stats = {

@@ -94,6 +94,20 @@ class _quiet:
         return False
 
 
+def _show_our_logs() -> None:
+    """INFO lines of the nemo_ext loggers on the console (global rank 0), in NeMo's style."""
+    import os
+
+    log = logging.getLogger("nemo_ext")
+    if log.handlers or os.environ.get("RANK", "0") != "0":
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[cosmos %(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def run_training(cfg, plan: RunPlan, composed=None):
     """Train; returns the Trainer. ``composed`` (the DictConfig) is written to the run directory."""
     from nemo.utils import logging as nemo_logging
@@ -101,6 +115,7 @@ def run_training(cfg, plan: RunPlan, composed=None):
 
     from nemo_ext.training.strategy import init_distributed, init_model_parallel
 
+    _show_our_logs()
     init_distributed(plan.device)
     init_model_parallel(cfg.parallel, cfg.trainer.seed)
     ensure_sample_data(cfg)

@@ -249,6 +249,7 @@ class MegatronStrategy(ParallelStrategy):
             "precision": str(module.plan.dtype).replace("torch.", ""),
             "optimizer": module.cfg.optim.name,
             "model": dataclasses.asdict(module.cfg.model),
+            "ema": module.ema is not None,
         }
 
     def _check_optimizer_format(self, path: Path) -> None:
@@ -283,6 +284,9 @@ class MegatronStrategy(ParallelStrategy):
             template["optimizer_states"] = [
                 getattr(opt, "_optimizer", opt).sharded_state_dict(model_sd, is_loading=True) for opt in self.optimizers
             ]
+        saved = dist_checkpointing.load_content_metadata(str(path)) or {}
+        if module.ema is not None and saved.get("ema"):
+            template["ema"] = module.ema.sharded_state_dict(model_sd)
         logger.info("loading checkpoint %s", path)
         return dist_checkpointing.load(template, str(path))
 

@@ -74,6 +74,8 @@ def test_dit_7b_general_shape_is_56320_tokens():
         (["optim.decay=exp"], 1, "optim.decay"),
         (["data.path=???"], 1, "data.path"),
         (["parallel.tp=2", "parallel.sequence_parallel=true", "model.text_encoder.max_length=33"], 2, "max_length=33"),
+        (["parallel.cp=5"], 5, "cannot be split over parallel.cp=5"),
+        (["model=dit_tiny_v2w", "model.condition_latent_frames=3"], 1, "model.condition_latent_frames=3"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, world, needle):

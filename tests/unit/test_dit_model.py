@@ -52,3 +52,30 @@ def test_cpu_compat_is_a_noop_when_cuda_exists():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "backend,cuda,have_te,expected",
+    [
+        ("auto", False, False, "local"),
+        ("auto", True, False, "local"),
+        ("auto", True, True, "te"),
+        ("auto", False, True, "local"),
+        ("cudnn", True, True, "local"),
+        ("te", True, True, "te"),
+    ],
+)
+def test_layer_implementation_selection(backend, cuda, have_te, expected):
+    from nemo_ext.models.dit.layer import select_layer_impl
+
+    assert select_layer_impl(backend, cuda, have_te) == expected
+
+
+def test_transformer_engine_requested_but_unavailable_is_a_clear_error():
+    from nemo_ext.models.dit.layer import select_layer_impl, te_available
+
+    assert te_available() is False  # never installed on CPU machines (it breaks megatron there)
+    with pytest.raises(ValueError, match="transformer-engine is not importable"):
+        select_layer_impl("te", True, False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        select_layer_impl("te", False, True)

@@ -14,6 +14,7 @@ the PP group (``parallel_utils``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,8 @@ from nemo_ext.models.parallel_utils import (
     mark_sequence_parallel_replicated,
     sequence_slice,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +144,12 @@ class CosmosDiT(MegatronModule):
             LearnablePosEmbed(d, max_grid, init_std=arch.init_std) if arch.extra_pos_embed == "learnable" else None
         )
         self.layer_impl = select_layer_impl(arch.attention_backend, torch.cuda.is_available(), te_available())
+        logger.info(
+            "DiT layers: %s",
+            "transformer-engine (TE linears + fused attention)"
+            if self.layer_impl == "te"
+            else f"megatron local linears + torch SDPA attention (model.attention_backend={arch.attention_backend})",
+        )
         self.decoder = DiTBlock(
             config,
             get_dit_layer_spec(self.layer_impl),
