@@ -51,6 +51,27 @@ def _choice(value, key: str, allowed) -> None:
         raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
 
 
+def _check_sources(d) -> None:
+    if d.sources and d.path:
+        raise ConfigError("set either data.path or data.sources (a mixture), not both")
+    names = [s.name for s in d.sources]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"data.sources: names must be unique, repeated: {dup}")
+    if d.stages and not d.sources:
+        raise ConfigError("data.stages weigh data.sources by name; data.sources is empty")
+    if d.sources:
+        from nemo_ext.data.mixture import Schedule, Stage
+
+        stages = [Stage(s.until_step, dict(s.weights)) for s in d.stages] or [Stage(None, {n: 1.0 for n in names})]
+        try:
+            Schedule(names, stages)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if d.max_failed_samples < 0 or not 0.0 <= d.max_failed_fraction <= 1.0:
+        raise ConfigError("data.max_failed_samples must be >= 0 and data.max_failed_fraction in [0, 1]")
+
+
 def run_dir_for(cfg) -> Path:
     return Path(cfg.runs_dir) / cfg.recipe / f"{cfg.family}_{cfg.model.name}" / cfg.run_name
 
@@ -116,6 +137,14 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     step_h, step_w = tok.spatial_compression * m.patch_size[1], tok.spatial_compression * m.patch_size[2]
     if d.height % step_h or d.width % step_w:
         raise ConfigError(f"data.height={d.height} / data.width={d.width} must be multiples of {step_h} / {step_w}")
+    _choice(d.kind, "data.kind", ["video", "latent"])
+    _choice(d.backend, "data.backend", ["pyav", "dali"])
+    if d.backend == "dali" and d.kind == "video":
+        import importlib.util
+
+        if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+            raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install 'cosmos-recipes[dali]' (or use data.backend=pyav)")
+    _check_sources(d)
     _choice(d.resize_mode, "data.resize_mode", ["crop", "pad"])
     _choice(d.clip_sampling, "data.clip_sampling", ["random", "start"])
     if d.frame_stride < 1:

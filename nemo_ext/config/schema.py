@@ -9,7 +9,7 @@ full key path. Groups mirror the object graph: ``model``, ``task``, ``data``, ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -18,14 +18,37 @@ from nemo_ext.models.dit.config import DiTConfig
 
 
 @dataclass
+class DataSourceConfig:
+    """One shard set of a mixture."""
+
+    name: str = MISSING
+    path: str = MISSING
+
+
+@dataclass
+class DataStageConfig:
+    """Mixture weights (by source name) used until ``until_step`` (null: to the end)."""
+
+    until_step: Optional[int] = None
+    weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Where clips come from and how they are cut. Batch sizes live here because the loader and
     the microbatch schedule both derive from them."""
 
-    kind: str = "video"  # video: encoded video shards decoded online
+    kind: str = "video"  # video: encoded video shards decoded online | latent: precomputed latents + T5
+    backend: str = "pyav"  # video decoding: pyav (CPU, any codec) | dali (NVDEC on GPU; VP9 on CPU)
     # Shard directories / globs / brace patterns; null = the embedded procedural sample world,
     # generated on first use into ``sample_dir``.
     path: Optional[str] = None
+    # A mixture instead of `path`: named shard sets, weighted by `stages` (equal weights if none).
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    stages: List[DataStageConfig] = field(default_factory=list)
+    # A corrupt video met during training is skipped and counted; too many stop the run.
+    max_failed_samples: int = 100
+    max_failed_fraction: float = 0.01
     sample_variant: str = "general"
     sample_dir: str = "data/sample/${data.sample_variant}"
     sample_num_videos: int = 64

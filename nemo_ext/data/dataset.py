@@ -25,9 +25,12 @@ from nemo_ext.data.video import VideoDecodeError, decode_frames, resize_and_crop
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoClipDataset", "DataParallelBatchSampler", "collate_clips", "clip_seed_for"]
+__all__ = ["VideoClipDataset", "DataParallelBatchSampler", "collate_clips", "clip_seed_for", "SIDECAR_KINDS"]
 
 _CLIP_SAMPLING = ("random", "start")
+# How a numeric sidecar lines up with the video: one row per frame, one per frame-to-frame
+# transition (an episode of T frames has T-1 actions), or not per time step.
+SIDECAR_KINDS = ("frames", "transitions", "static")
 _RESIZE_MODES = ("crop", "pad")
 
 
@@ -44,7 +47,8 @@ class VideoClipDataset(Dataset):
 
     def __init__(self, index: ShardIndex, num_frames: int, height: int, width: int, stride: int = 1,
                  clip_sampling: str = "random", resize_mode: str = "crop",
-                 video_ext: str = "mp4") -> None:
+                 video_ext: str = "mp4", sidecars: dict[str, str] | None = None,
+                 max_substitutions: int = 8) -> None:
         if num_frames < 1 or stride < 1 or height < 1 or width < 1:
             raise ValueError(f"need num_frames, stride, height, width >= 1; got {num_frames}, "
                              f"{stride}, {height}, {width}")
@@ -60,6 +64,13 @@ class VideoClipDataset(Dataset):
         self.clip_sampling = clip_sampling
         self.resize_mode = resize_mode
         self.video_ext = video_ext
+        self.sidecars = dict(sidecars or {})
+        for ext, kind in self.sidecars.items():
+            if kind not in SIDECAR_KINDS:
+                raise ValueError(f"sidecar {ext!r}: kind {kind!r} is not one of {SIDECAR_KINDS}")
+            if kind == "transitions" and stride != 1:
+                raise ValueError(f"sidecar {ext!r} holds per-transition rows; it needs data.frame_stride=1, got {stride}")
+        self.max_substitutions = max_substitutions
 
     @property
     def span(self) -> int:
@@ -70,7 +81,26 @@ class VideoClipDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, item: tuple[int, int] | int) -> dict[str, Any]:
+        """The clip of ``item``; a video that fails to decode (corrupt) is replaced by the next
+        decodable sample in index order and counted in ``failed_samples`` (data bugs such as a
+        missing member or a bad sidecar raise ShardError)."""
         sample_idx, clip_seed = item if isinstance(item, tuple) else (int(item), int(item))
+        failed: list[str] = []
+        for attempt in range(self.max_substitutions + 1):
+            idx = (sample_idx + attempt) % len(self.index)
+            try:
+                out = self._load(idx, clip_seed)
+            except VideoDecodeError as e:
+                ref = self.index[idx]
+                logger.warning("skipping corrupt video %s:%s.%s: %s", ref.shard, ref.key, self.video_ext, e)
+                failed.append(f"{ref.shard.name}:{ref.key}")
+                continue
+            out["failed_samples"] = len(failed)
+            out["sample_seed"] = int(clip_seed)
+            return out
+        raise ShardError(f"{len(failed)} consecutive samples failed to decode: {failed}")
+
+    def _load(self, sample_idx: int, clip_seed: int) -> dict[str, Any]:
         ref = self.index[sample_idx]
         meta = self._meta(sample_idx)
         total = self._total_frames(sample_idx, meta)
@@ -81,22 +111,42 @@ class VideoClipDataset(Dataset):
             )
         start = 0 if self.clip_sampling == "start" else random.Random(clip_seed).randint(0, total - self.span)
         data = self.index.read(sample_idx, self.video_ext)
-        try:
-            frames = decode_frames(data, start, self.num_frames, self.stride)
-        except VideoDecodeError as e:
-            raise ShardError(f"shard {ref.shard}: sample {ref.key!r}: {e}") from e
+        frames = decode_frames(data, start, self.num_frames, self.stride)
         frames = resize_and_crop(frames, self.height, self.width, self.resize_mode)
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
-        return {
+        out = {
             "video": video.contiguous(),
             "caption": str(meta.get("caption") or ""),
             "key": ref.key,
             "fps": float(meta.get("fps", 0.0)),
             "num_frames_total": int(total),
-            # Unique per position in the data stream: seeds per-sample randomness downstream
-            # (e.g. diffusion noise) independently of the parallel layout.
-            "sample_seed": int(clip_seed),
         }
+        for ext, kind in self.sidecars.items():
+            out[ext[: -len(".npy")] if ext.endswith(".npy") else ext] = self._sidecar(sample_idx, ext, kind, total, start)
+        return out
+
+    def _sidecar(self, i: int, ext: str, kind: str, total: int, start: int) -> torch.Tensor:
+        """A numeric sidecar sliced to the clip: per-frame rows (``frames``), per-transition rows
+        (``transitions``, total - 1 of them) or as stored (``static``)."""
+        ref = self.index[i]
+        try:
+            arr = np.load(io.BytesIO(self.index.read(i, ext)), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ShardError(f"shard {ref.shard}: {ref.key}.{ext} is not a readable .npy array: {e}") from e
+        if arr.dtype.kind not in "biuf":
+            raise ShardError(f"shard {ref.shard}: {ref.key}.{ext} has dtype {arr.dtype}; expected a numeric array")
+        if kind != "static":
+            rows = total if kind == "frames" else total - 1
+            if arr.ndim == 0 or arr.shape[0] != rows:
+                raise ShardError(
+                    f"shard {ref.shard}: {ref.key}.{ext} has shape {arr.shape}; expected {rows} rows "
+                    f"(one per {'frame' if kind == 'frames' else 'transition'} of its {total} frames)"
+                )
+            if kind == "frames":
+                arr = arr[start : start + self.span : self.stride]
+            else:
+                arr = arr[start : start + self.num_frames - 1]
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
     def _meta(self, i: int) -> dict[str, Any]:
         if not self.index.has(i, "json"):

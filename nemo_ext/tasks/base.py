@@ -9,8 +9,8 @@ New conditioning paths start at zero so that step 0 of a post-trained model equa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch.nn as nn
 
@@ -33,6 +33,10 @@ class TaskSpec:
     build_conditioner: Callable[..., nn.Module]
     # (task_cfg, model_cfg) -> number of channels concatenated to the latent input.
     extra_channels: Callable[..., int] = lambda task_cfg, model_cfg: 0
+    # Numeric per-sample arrays the task reads, ``<ext>`` -> how they line up with the video:
+    # "frames" (a row per frame), "transitions" (a row per frame-to-frame step: T-1 for T frames)
+    # or "static". Loaders cut them to the clip; e.g. {"actions.npy": "transitions"}.
+    sidecars: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
 
 

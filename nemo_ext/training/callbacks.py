@@ -99,21 +99,31 @@ class StepMetrics(pl.Callback):
             "mfu": tflops * 1e12 / peak if peak else float("nan"),
             "memory_gib": memory_gib(device),
         }
+        if hasattr(pl_module, "data_counts"):
+            row.update(pl_module.data_counts())
         self.history.append(row)
         if self.metrics_path is not None and trainer.is_global_zero:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         pl_module.log_dict(
-            {f"perf/{k}": float(v) for k, v in row.items() if k not in ("step", "loss", "grad_norm", "lr")},
+            {
+                (f"data/{k}" if k.startswith(("samples_from_", "failed_")) else f"perf/{k}"): float(v)
+                for k, v in row.items()
+                if k not in ("step", "loss", "grad_norm", "lr")
+            },
             on_step=True,
             batch_size=self.gbs,
         )
         mfu = f"{row['mfu'] * 100:.1f}%" if peak else "n/a"
         mem = "GPU peak" if device.type == "cuda" else "RSS"
+        sources = {k[len("samples_from_"):]: v for k, v in row.items() if k.startswith("samples_from_")}
+        data = " | samples " + ", ".join(f"{k} {v}" for k, v in sources.items()) if len(sources) > 1 else ""
+        if row.get("failed_samples"):
+            data += f" | {row['failed_samples']} corrupt skipped"
         nemo_logging.info(
             f"step {step}/{trainer.max_steps} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f} | "
             f"lr {row['lr']:.2e} | {step_time:.3f} s/step | {samples_per_s:.2f} samples/s | "
-            f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu} | {mem} {row['memory_gib']:.2f} GiB"
+            f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu} | {mem} {row['memory_gib']:.2f} GiB{data}"
         )
 
 

@@ -1,8 +1,15 @@
-"""Training data loader: shard index -> clip dataset -> data-parallel, step-resumable sampler.
+"""Training data: the loader of a run, built from ``cfg.data`` and the task.
+
+* ``data.path`` (or the generated sample world) or a mixture of ``data.sources`` weighted by the
+  ``data.stages`` schedule (equal weights when no stage is given);
+* ``data.kind``: ``video`` (encoded clips decoded on the fly) or ``latent`` (precomputed latents
+  and T5 embeddings: no decoding, no encoders);
+* ``data.backend``: ``pyav`` (CPU decoding in DataLoader workers, any codec) or ``dali`` (NVDEC on
+  GPU, VP9/VP8/MJPEG on CPU).
 
 Samples are split by data-parallel rank only: the TP/PP/CP ranks of one model replica read the
-same samples. The sampler starts at the restored global step, so a resumed run sees exactly the
-samples it would have seen without the interruption.
+same samples. The PyAV and latent paths are step-resumable without state; the DALI path carries
+its reader state in the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +29,25 @@ def data_source(cfg) -> str:
     return cfg.data.path or cfg.data.sample_dir
 
 
+def sources(cfg) -> list[tuple[str, str]]:
+    """(name, path) of every shard set the run reads."""
+    if cfg.data.sources:
+        return [(s.name, s.path) for s in cfg.data.sources]
+    return [("data", data_source(cfg))]
+
+
+def schedule(cfg):
+    from nemo_ext.data.mixture import Schedule, Stage
+
+    names = [name for name, _ in sources(cfg)]
+    stages = [Stage(s.until_step, dict(s.weights)) for s in cfg.data.stages] or [Stage(None, {n: 1.0 for n in names})]
+    return Schedule(names, stages)
+
+
 def ensure_sample_data(cfg) -> None:
-    """Generate the procedural sample world of ``cfg.data`` when no data path is given (a no-op
+    """Generate the procedural sample world of ``cfg.data`` when no data is given (a no-op
     when it already exists with the same parameters). Global rank 0 writes, the others wait."""
-    if cfg.data.path:
+    if cfg.data.path or cfg.data.sources:
         return
     if not dist.is_initialized() or dist.get_rank() == 0:
         from data_prep.sample_world import generate
@@ -44,10 +66,17 @@ def ensure_sample_data(cfg) -> None:
         dist.barrier()
 
 
-def build_train_dataloader(cfg, task, start_step: int = 0) -> torch.utils.data.DataLoader:
+def _dataset(cfg, task, plan, path):
     d = cfg.data
-    index = ShardIndex.from_paths(data_source(cfg), required_exts=("mp4",) + tuple(task.sample_exts))
-    dataset = VideoClipDataset(
+    sidecars = dict(task.sidecars)
+    if d.kind == "latent":
+        from nemo_ext.data.latents import LATENT_EXTS, LatentClipDataset
+
+        index = ShardIndex.from_paths(path, required_exts=LATENT_EXTS + tuple(sidecars))
+        context_shape = (cfg.model.text_encoder.max_length, cfg.model.context_dim)
+        return LatentClipDataset(index, plan.latent_shape, context_shape, sidecars)
+    index = ShardIndex.from_paths(path, required_exts=("mp4",) + tuple(task.sample_exts) + tuple(sidecars))
+    return VideoClipDataset(
         index,
         num_frames=d.num_frames,
         height=d.height,
@@ -55,17 +84,39 @@ def build_train_dataloader(cfg, task, start_step: int = 0) -> torch.utils.data.D
         stride=d.frame_stride,
         clip_sampling=d.clip_sampling,
         resize_mode=d.resize_mode,
+        sidecars=sidecars,
     )
-    sampler = DataParallelBatchSampler(
-        num_samples=len(dataset),
-        micro_batch_size=d.micro_batch_size,
-        global_batch_size=d.global_batch_size,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        seed=d.seed,
-        start_step=start_step,
-        shuffle=d.shuffle,
-    )
+
+
+def build_train_dataloader(cfg, task, plan, start_step: int = 0):
+    d = cfg.data
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    if d.backend == "dali" and d.kind == "video":
+        from nemo_ext.training.dali_loader import build_dali_loader
+
+        return build_dali_loader(cfg, task, plan, start_step)
+    named = sources(cfg)
+    datasets = [_dataset(cfg, task, plan, path) for _, path in named]
+    if len(datasets) == 1:
+        dataset = datasets[0]
+        sampler = DataParallelBatchSampler(
+            num_samples=len(dataset),
+            micro_batch_size=d.micro_batch_size,
+            global_batch_size=d.global_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=d.seed,
+            start_step=start_step,
+            shuffle=d.shuffle,
+        )
+    else:
+        from nemo_ext.data.mixture import ConcatSources, MixtureBatchSampler
+
+        dataset = ConcatSources(datasets, [name for name, _ in named])
+        sampler = MixtureBatchSampler(
+            [len(x) for x in datasets], schedule(cfg), d.micro_batch_size, d.global_batch_size, dp_rank, dp_size,
+            seed=d.seed, start_step=start_step, shuffle=d.shuffle,
+        )
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -35,8 +35,12 @@ class DiffusionModule(WorldModelModule):
 
         m = self.cfg.model
         dtype = self.plan.dtype
-        self.tokenizer = ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
-        self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype)
+        # Precomputed latent shards need no tokenizer, and no text encoder unless captions are
+        # dropped (then it embeds the empty prompt).
+        precomputed = self.cfg.data.kind == "latent"
+        self.tokenizer = None if precomputed else ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
+        needs_text = not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0
+        self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype) if needs_text else None
         config = build_transformer_config(m, self.cfg.parallel, dtype)
         net = CosmosDiT(
             config,
@@ -53,24 +57,25 @@ class DiffusionModule(WorldModelModule):
         position in the data stream: every layout (TP/PP/DP, microbatching) and a resumed run
         see identical draws."""
         device = self.compute_device
-        latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
+        if "latents" in raw:  # precomputed latent shards
+            latents = raw["latents"].to(device, non_blocking=True)
+        else:
+            latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
         gen = torch.Generator(device=device)
-        sigmas, noises, captions = [], [], []
+        sigmas, noises, dropped, cond_noises = [], [], [], []
         p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
-        cond_noises = []
-        for caption, seed in zip(raw["caption"], raw["sample_seed"].tolist()):
+        for seed in raw["sample_seed"].tolist():
             gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
             sigmas.append(self.edm.sample_sigma(1, gen))
             noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
-            dropped = p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop
-            captions.append("" if dropped else caption)
+            dropped.append(p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop)
             if self.cfg.model.video2world:
                 cond_noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
-        context, context_mask = self.text_encoder.encode(captions, device)
+        context, context_mask = self._text_context(raw, dropped, device)
         fps = self.cfg.data.fps
         if fps is None and "fps" in raw:
             fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate
-        batch = {k: v for k, v in raw.items() if k != "video"}
+        batch = {k: v for k, v in raw.items() if k not in ("video", "latents", "context", "context_mask")}
         batch.update(
             latents=latents,
             context=context,
@@ -82,6 +87,20 @@ class DiffusionModule(WorldModelModule):
         if cond_noises:
             batch["cond_noise"] = torch.stack(cond_noises)
         return batch
+
+    def _text_context(self, raw: dict, dropped: list, device):
+        """T5 context of the batch: precomputed embeddings or the frozen encoder's; a dropped
+        caption (classifier-free guidance training) becomes the empty prompt's embedding."""
+        if "context" in raw:
+            context, mask = raw["context"].to(device), raw["context_mask"].to(device)
+            if any(dropped):
+                empty, empty_mask = self.text_encoder.encode([""], device)
+                keep = torch.tensor(dropped, device=device).logical_not()
+                context = torch.where(keep[:, None, None], context, empty)
+                mask = torch.where(keep[:, None], mask, empty_mask)
+            return context, mask
+        captions = ["" if d else c for c, d in zip(raw["caption"], dropped)]
+        return self.text_encoder.encode(captions, device)
 
     def forward_step(self, data_iterator, model):
         mb = next(data_iterator)

@@ -25,11 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 class _Microbatches:
-    """The iterator megatron's schedule pulls microbatches from: raw loader batches, prepared
-    (moved to the device, encoded, noised) on the way."""
+    """The iterator megatron's schedule pulls microbatches from: raw loader batches, counted and
+    prepared (moved to the device, encoded, noised) on the way."""
 
-    def __init__(self, source, prepare, count: int):
-        self.source, self.prepare, self.count, self.index = source, prepare, count, 0
+    def __init__(self, source, prepare, count: int, account):
+        self.source, self.prepare, self.count, self.account, self.index = source, prepare, count, account, 0
 
     def __iter__(self):
         return self
@@ -40,9 +40,37 @@ class _Microbatches:
         raw = next(self.source)
         if isinstance(raw, tuple):  # Lightning's dataloader_iter yields (batch, batch_idx, dataloader_idx)
             raw = raw[0]
+        self.account(raw)
         out = self.prepare(raw, self.index)
         self.index += 1
         return out
+
+
+class DataAccounting:
+    """Samples seen per source and corrupt samples skipped by the loader (this rank), with the
+    run-stopping threshold of ``data.max_failed_samples`` / ``data.max_failed_fraction``."""
+
+    def __init__(self, max_failed: int, max_fraction: float):
+        self.max_failed, self.max_fraction = max_failed, max_fraction
+        self.seen = 0
+        self.failed = 0
+        self.per_source: dict[str, int] = {}
+
+    def __call__(self, raw: dict) -> None:
+        n = len(raw["key"]) if "key" in raw else 1
+        self.seen += n
+        failed = raw.get("failed_samples")
+        self.failed += int(failed.sum()) if isinstance(failed, torch.Tensor) else int(failed or 0)
+        for name in raw.get("source") or ["data"] * n:
+            self.per_source[name] = self.per_source.get(name, 0) + 1
+        too_many = self.failed > self.max_failed
+        too_often = self.seen >= 100 and self.failed > self.max_fraction * (self.seen + self.failed)
+        if too_many or too_often:
+            raise RuntimeError(
+                f"{self.failed} corrupt videos skipped after {self.seen} samples on this rank, over "
+                + ("data.max_failed_samples" if too_many else "data.max_failed_fraction")
+                + " (see the warnings above for which ones; fix or re-prepare those shards)"
+            )
 
 
 class WorldModelModule(pl.LightningModule):
@@ -57,6 +85,7 @@ class WorldModelModule(pl.LightningModule):
         self.last_stats: dict = {}
         self._nonfinite_steps = 0
         self.ema = None
+        self.data_accounting = DataAccounting(cfg.data.max_failed_samples, cfg.data.max_failed_fraction)
 
     # ---------------- model ----------------
     def configure_model(self) -> None:
@@ -150,7 +179,7 @@ class WorldModelModule(pl.LightningModule):
     def train_dataloader(self):
         from nemo_ext.training.data import build_train_dataloader
 
-        return build_train_dataloader(self.cfg, self.task, start_step=self.trainer.global_step)
+        return build_train_dataloader(self.cfg, self.task, self.plan, start_step=self.trainer.global_step)
 
     def training_step(self, dataloader_iter):
         opt = self.optimizers()
@@ -160,7 +189,9 @@ class WorldModelModule(pl.LightningModule):
         opt.zero_grad()
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step,
-            data_iterator=_Microbatches(dataloader_iter, self.prepare_microbatch, self.plan.num_microbatches),
+            data_iterator=_Microbatches(
+                dataloader_iter, self.prepare_microbatch, self.plan.num_microbatches, self.data_accounting
+            ),
             model=self._chunks,
             num_microbatches=self.plan.num_microbatches,
             seq_length=self.plan.num_tokens,
@@ -184,6 +215,19 @@ class WorldModelModule(pl.LightningModule):
         self.log("train/grad_norm", stats["grad_norm"], on_step=True, batch_size=self.cfg.data.global_batch_size)
         self.log("train/lr", stats["lr"], on_step=True, batch_size=self.cfg.data.global_batch_size)
         return None
+
+    def data_counts(self) -> dict[str, int]:
+        """Samples seen per source and corrupt ones skipped, summed over data-parallel ranks
+        (a collective: call it on every rank)."""
+        acc = self.data_accounting
+        names = sorted(acc.per_source)
+        values = torch.tensor([acc.per_source[n] for n in names] + [acc.failed], dtype=torch.float64,
+                              device=next(self.world_model.parameters()).device)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        counts = {f"samples_from_{n}": int(v) for n, v in zip(names, values[:-1].tolist())}
+        counts["failed_samples"] = int(values[-1].item())
+        return counts
 
     def _reduce_loss(self, losses) -> float:
         """Mean microbatch loss on the last stage, shared with every rank (average over DP)."""
