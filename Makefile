@@ -41,7 +41,7 @@ CMD ?=
 FROM ?=
 TO ?=
 
-.PHONY: help setup train print-config convert test test-full sample-data clean-venv
+.PHONY: help setup train print-config convert test test-full sample-data data clean-venv
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -114,6 +114,20 @@ convert: ## Convert checkpoints: make convert CMD=import|export FROM=<dir> TO=<d
 sample-data: ## Generate the procedural sample world of a recipe into data/sample/<variant>/
 	$(need_venv)
 	$(PY) -m nemo_ext.cli.prep sample --recipe $(recipe) $(ARGS)
+
+# Data prep source (a module of data_prep/): videos (folder + captions) or instructions (+ JSON).
+# OUT is taken from the command line only: the GPU machines export an OUT of their own, and
+# writing shards there by accident would be bad; `$(origin OUT)` tells the two apart.
+PREP_SOURCE = $(if $(SOURCE),$(SOURCE),videos)
+DATA_USAGE = usage: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [SOURCE=videos|instructions] [ARGS="..."]
+DATA_OUT_FROM_ENV = OUT=$(OUT) comes from the environment (origin: $(origin OUT)) and is refused: \
+  give the output dir on the make command line: make recipe=$(recipe) data RAW=<raw dir> OUT=<out dir>
+
+data: ## Prepare shards: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [ARGS=...]
+	$(if $(filter environment%,$(origin OUT)),$(error $(DATA_OUT_FROM_ENV)))
+	$(if $(and $(strip $(RAW)),$(strip $(OUT))),,$(error RAW and OUT are required. $(DATA_USAGE)))
+	$(need_venv)
+	$(PY) -m nemo_ext.cli.prep $(PREP_SOURCE) --recipe $(recipe) --raw $(RAW) --out $(OUT) $(ARGS)
 
 test: ## Run the CPU test suite (the CI suite)
 	$(need_venv)

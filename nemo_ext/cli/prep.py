@@ -6,12 +6,25 @@
         such as data.sample_num_videos=256 or data.height=128 change it
     python -m nemo_ext.cli.prep sample --out DIR [--variant general --num-videos N ...]
         the same generator with explicit parameters, anywhere
+    python -m nemo_ext.cli.prep videos --raw DIR --out DIR (--captions FILE | --caption TEXT) [options]
+        a folder of videos (recursive) + captions (csv with columns video,caption or jsonl) ->
+        clip shards; clip length/size/fps/resize mode default to the recipe's data.* values
+    python -m nemo_ext.cli.prep instructions --raw DIR --out DIR [options]
+        videos with a same-stem JSON of language instructions next to each -> clip shards
+    python -m nemo_ext.cli.prep latents --from <video shards> --out DIR [--recipe general] [overrides]
+        precompute tokenizer latents + T5 embeddings (data.kind=latent trains on them)
+
+videos/instructions are resumable (re-run the same command) and write report.jsonl (one line per
+rejected video) and manifest.json into OUT. Exit codes: 0 ok, 1 no clip written, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
 
 
 def _sample(args) -> int:
@@ -35,6 +48,147 @@ def _sample(args) -> int:
     return 0
 
 
+def _fps_arg(text: str) -> float | None:
+    """``--fps``: a positive number, or ``source`` to keep each video's own frame rate."""
+    if text.strip().lower() in ("source", "none", "null"):
+        return None
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of frames per second or 'source', got {text!r}") from e
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _bytes_arg(text: str) -> int:
+    """``--max-shard-bytes``: an integer with an optional K/M/G/T (binary) suffix, e.g. 512M."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = int(float(t[: len(t) - len(suffix)]) * units[suffix])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 1073741824 or 1G, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {text!r}")
+    return value
+
+
+def _add_clip_source(p: argparse.ArgumentParser, captions: bool) -> None:
+    """Arguments shared by the ``videos`` and ``instructions`` sources."""
+    p.add_argument("--raw", required=True, help="input folder (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for the shards (not RAW)")
+    if captions:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--captions", default=None, help="csv (columns video,caption) or jsonl captions file")
+        group.add_argument("--caption", default=None, help="one caption for every video")
+    p.add_argument("--recipe", default="general", help="recipe whose data.* values are the defaults")
+    p.add_argument("--family", default="diffusion", choices=["diffusion", "ar"])
+    clip = p.add_argument_group("clips (default: the recipe's data.num_frames/height/width/fps/resize_mode)")
+    clip.add_argument("--clip-frames", type=int, default=None, help="frames per clip, 1 + 8k")
+    clip.add_argument("--fps", type=_fps_arg, default=argparse.SUPPRESS,
+                      help="resample clips to this frame rate, or 'source' to keep each video's own")
+    clip.add_argument("--height", type=int, default=None, help="clip height, a multiple of 16")
+    clip.add_argument("--width", type=int, default=None, help="clip width, a multiple of 16")
+    clip.add_argument("--resize-mode", choices=["crop", "pad"], default=None)
+    clip.add_argument("--clips-per-video", type=int, default=1,
+                      help="evenly spaced non-overlapping clips per video; 0 = all of them (default 1)")
+    clip.add_argument("--codec", choices=["h264", "vp9"], default="h264",
+                      help="h264 (NVDEC on GPU, default) or vp9 (DALI's CPU decoder reads it)")
+    out = p.add_argument_group("sharding")
+    out.add_argument("--videos-per-unit", type=int, default=32, help="input videos per resumable work unit")
+    out.add_argument("--max-shard-bytes", type=_bytes_arg, default=1 << 30, help="shard size bound (default 1G)")
+    out.add_argument("--max-clips-per-shard", type=int, default=1000)
+    out.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="parallel processes (does not change the output)")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe (e.g. data.height=256)")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _clips(args) -> int:
+    """The ``videos`` / ``instructions`` sources: recipe defaults, checks, prepare, summary."""
+    from data_prep.clips import ClipSpec, PrepError, ShardLayout
+
+    raw, out = Path(args.raw), Path(args.out)
+    if not raw.is_dir():
+        return _fail(f"--raw {raw} is not a directory")
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a directory")
+    if out.resolve() == raw.resolve():
+        return _fail(f"--out {out} is the input folder --raw; write the shards to another folder")
+    if args.command == "videos" and (args.captions is None) == (args.caption is None):
+        return _fail("videos needs exactly one of --captions FILE (csv/jsonl with video,caption) or "
+                     "--caption TEXT (one caption for all videos)")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from nemo_ext.config.compose import ConfigError, compose, to_typed
+
+    try:
+        cfg = to_typed(compose(args.recipe, args.family, args.overrides))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    data = cfg.data
+    try:
+        spec = ClipSpec(
+            clip_frames=args.clip_frames if args.clip_frames is not None else int(data.num_frames),
+            height=args.height if args.height is not None else int(data.height),
+            width=args.width if args.width is not None else int(data.width),
+            fps=args.fps if hasattr(args, "fps") else (float(data.fps) if data.fps is not None else None),
+            resize_mode=args.resize_mode or str(data.resize_mode),
+            clips_per_video=args.clips_per_video, codec=args.codec)
+        layout = ShardLayout(videos_per_unit=args.videos_per_unit, max_shard_bytes=args.max_shard_bytes,
+                             max_clips_per_shard=args.max_clips_per_shard)
+        if args.workers < 1:
+            raise PrepError(f"--workers must be >= 1, got {args.workers}")
+        info = {"recipe": args.recipe, "family": args.family, "overrides": list(args.overrides)}
+        common = dict(workers=args.workers, progress=not args.no_progress, info=info)
+        if args.command == "videos":
+            from data_prep.videos import prepare_videos
+
+            result = prepare_videos(raw, out, spec, layout, captions=args.captions, caption=args.caption, **common)
+        else:
+            from data_prep.instructions import prepare_instructions
+
+            result = prepare_instructions(raw, out, spec, layout, **common)
+    except PrepError as exc:
+        return _fail(str(exc))
+    print(f"clips written: {result.num_clips} (from {result.num_videos_ok} of {result.num_videos} videos; "
+          f"{spec.clip_frames} frames at {spec.width}x{spec.height}, {spec.codec})")
+    print(f"videos rejected: {result.num_rejected} (one line each in {result.report})")
+    if result.num_source_issues:
+        print(f"caption rows naming no video: {result.num_source_issues} (also in {result.report})")
+    print(f"shards: {result.num_shards}" + (f" ({result.units_skipped} of {result.num_units} work units were "
+                                            "already done)" if result.units_skipped else ""))
+    print(f"output: {result.out_dir}")
+    if result.num_clips == 0:
+        print(f"error: no clip was written; see {result.report} for why each video was rejected", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _latents(args, extra) -> int:
+    import torch
+
+    from nemo_ext.config.compose import ConfigError, compose, to_typed
+    from nemo_ext.data.latents import precompute_latents
+    from nemo_ext.data.shards import ShardError
+
+    try:
+        cfg = to_typed(compose(args.recipe, args.family, list(args.overrides) + list(extra)))
+        out = precompute_latents(cfg, args.src, args.out, batch_size=args.batch_size,
+                                 dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    except (ConfigError, ShardError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"latent shards written to {out} (train with data.kind=latent data.path={out})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nemo_ext.cli.prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,8 +208,32 @@ def main(argv=None) -> int:
     explicit.add_argument("--fps", type=float, default=8)
     explicit.add_argument("--seed", type=int, default=0)
     explicit.add_argument("--workers", type=int, default=1, help="parallel render/encode processes")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return _sample(args) if args.command == "sample" else 1
+    for name, help_text in (("videos", "a folder of videos + captions -> clip shards"),
+                            ("instructions", "videos + per-video instruction JSON -> clip shards")):
+        _add_clip_source(sub.add_parser(name, help=help_text, description=help_text), captions=name == "videos")
+    latents = sub.add_parser(
+        "latents", help="video shards -> latent shards (tokenizer latents + T5 embeddings, precomputed)",
+        description="Encode every clip of video shards with the recipe's tokenizer and text encoder (model.tokenizer.path, "
+        "model.text_encoder.path; the tiny built-ins without paths) into latent shards; train on them with "
+        "data.kind=latent data.path=<out>. On a GPU when one is visible.",
+    )
+    latents.add_argument("--from", dest="src", required=True, help="video shard directory (from `prep videos`)")
+    latents.add_argument("--out", required=True, help="latent shard directory")
+    latents.add_argument("--recipe", default="general")
+    latents.add_argument("--family", default="diffusion", choices=["diffusion", "ar"])
+    latents.add_argument("--batch-size", type=int, default=4)
+    latents.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage precision of latents/embeddings")
+    latents.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # options after the Hydra overrides leave later overrides unparsed: they are overrides too
+    if extra and (args.command == "sample" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "sample":
+        return _sample(args)
+    if args.command == "latents":
+        return _latents(args, extra)
+    args.overrides = list(args.overrides) + extra
+    return _clips(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "VideoDecodeError",
+    "frame_converter",
+    "open_video",
     "VideoInfo",
     "encode_video",
     "probe_video",
@@ -92,7 +94,7 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "vp9", container: 
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
         stream.options = dict(options)
-        converter = _reformatter()
+        converter = frame_converter()
         for i, rgb in enumerate(frames):
             # converted here with our own single-threaded converter, not implicitly by the encoder
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
@@ -103,7 +105,7 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "vp9", container: 
     return buf.getvalue()
 
 
-def _reformatter() -> VideoReformatter:
+def frame_converter() -> VideoReformatter:
     """A fresh, single-threaded pixel converter for one encode/decode call.
 
     PyAV's ``frame.to_ndarray()`` / ``frame.reformat()`` go through one shared converter whose
@@ -114,7 +116,7 @@ def _reformatter() -> VideoReformatter:
     return VideoReformatter()
 
 
-def _open(data: bytes) -> tuple[av.container.InputContainer, av.VideoStream]:
+def open_video(data: bytes) -> tuple[av.container.InputContainer, av.VideoStream]:
     """Open ``data`` and return its first video stream, with a readable error if impossible."""
     if not data:
         raise VideoDecodeError("cannot decode video: the input is empty (0 bytes)")
@@ -141,10 +143,10 @@ def probe_video(data: bytes) -> VideoInfo:
     :class:`VideoDecodeError` for anything unreadable, for zero frames, and when fewer frames
     decode than the container declares.
     """
-    container, stream = _open(data)
+    container, stream = open_video(data)
     try:
         num_frames = 0
-        converter = _reformatter()
+        converter = frame_converter()
         try:
             for frame in container.decode(stream):
                 converter.reformat(frame, format="rgb24", threads=1)  # can fail on broken frames too
@@ -181,9 +183,9 @@ def decode_frames(data: bytes, start: int, num_frames: int, stride: int = 1) -> 
                          f"num_frames={num_frames}, stride={stride}")
     last = start + (num_frames - 1) * stride
     out: list[np.ndarray] = []
-    container, stream = _open(data)
+    container, stream = open_video(data)
     index = -1
-    converter = _reformatter()
+    converter = frame_converter()
     try:
         try:
             for index, frame in enumerate(container.decode(stream)):
