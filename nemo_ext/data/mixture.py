@@ -84,6 +84,13 @@ def _choice_seed(seed: int, step: int, dp_rank: int, microbatch: int) -> int:
     return clip_seed_for(seed ^ 0x5EED, (step * 65_537 + dp_rank) * 4_099 + microbatch)
 
 
+def choose_source(schedule: Schedule, seed: int, step: int, dp_rank: int, microbatch: int) -> int:
+    """The source of one micro-batch: a pure function of (seed, step, rank, micro-batch)."""
+    u = _choice_seed(seed, step, dp_rank, microbatch) / 2.0**31  # uniform in [0, 1)
+    cdf = np.cumsum(schedule.weights_at(step))
+    return min(int(np.searchsorted(cdf, u, side="right")), len(schedule.sources) - 1)
+
+
 class MixtureBatchSampler:
     """Infinite, step-resumable micro-batches of ``(concat index, clip seed)`` for one DP rank
     of a :class:`ConcatSources`, each micro-batch from one source chosen by the schedule."""
@@ -107,9 +114,7 @@ class MixtureBatchSampler:
         self.micro_batches_per_step = global_batch_size // (micro_batch_size * dp_size)
 
     def choose(self, step: int, microbatch: int) -> int:
-        u = _choice_seed(self.seed, step, self.dp_rank, microbatch) / 2.0**31  # uniform in [0, 1)
-        cdf = np.cumsum(self.schedule.weights_at(step))
-        return min(int(np.searchsorted(cdf, u, side="right")), len(self.streams) - 1)
+        return choose_source(self.schedule, self.seed, step, self.dp_rank, microbatch)
 
     def draws_before(self, step: int) -> list[int]:
         """Micro-batches this rank drew from each source before ``step`` (replayed on resume)."""

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ShardError",
+    "expand_paths",
     "ShardInfo",
     "ShardWriter",
     "SampleRef",
@@ -323,7 +324,7 @@ class SampleRef:
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def _expand(spec: str | os.PathLike) -> list[Path]:
+def expand_paths(spec: str | os.PathLike) -> list[Path]:
     """One spec -> shard paths: a directory (its ``*.tar``), a glob/brace pattern, or a file."""
     spec = os.fspath(spec)
     out: list[Path] = []
@@ -374,7 +375,7 @@ class ShardIndex:
             raise ShardError("no shards: the list of shard paths/patterns is empty")
         shard_paths: list[Path] = []
         for spec in specs:
-            shard_paths += _expand(spec)
+            shard_paths += expand_paths(spec)
         if not shard_paths:
             raise ShardError(f"no shards found for {[os.fspath(s) for s in specs]}")
         samples: list[SampleRef] = []

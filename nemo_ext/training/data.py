@@ -88,13 +88,15 @@ def _dataset(cfg, task, plan, path):
     )
 
 
-def build_train_dataloader(cfg, task, plan, start_step: int = 0):
+def build_train_dataloader(cfg, task, plan, start_step: int = 0, states=None):
+    """This rank's training loader from ``start_step`` on. The PyAV loader recomputes its position
+    from the step; the DALI loader restores the per-source reader ``states`` of a checkpoint."""
     d = cfg.data
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     if d.backend == "dali" and d.kind == "video":
         from nemo_ext.training.dali_loader import build_dali_loader
 
-        return build_dali_loader(cfg, task, plan, start_step)
+        return build_dali_loader(cfg, task, plan, start_step, states)
     named = sources(cfg)
     datasets = [_dataset(cfg, task, plan, path) for _, path in named]
     if len(datasets) == 1:

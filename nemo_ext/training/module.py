@@ -86,6 +86,8 @@ class WorldModelModule(pl.LightningModule):
         self._nonfinite_steps = 0
         self.ema = None
         self.data_accounting = DataAccounting(cfg.data.max_failed_samples, cfg.data.max_failed_fraction)
+        self._loader = None  # the training loader, when it has a position to checkpoint (DALI)
+        self._loader_states: Optional[dict] = None  # that position, restored from a checkpoint
 
     # ---------------- model ----------------
     def configure_model(self) -> None:
@@ -152,10 +154,27 @@ class WorldModelModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.sharded_state_dict(checkpoint["state_dict"])
+        if self._loader is not None:
+            checkpoint["data_state"] = self.data_state_template(self._loader.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load(checkpoint["ema"])
+        if "data_state" in checkpoint:
+            self._loader_states = checkpoint["data_state"]
+
+    @staticmethod
+    def data_state_template(states: Optional[dict] = None):
+        """The loader position of this data-parallel rank as one shard of a (dp,)-shaped object:
+        each DP rank reads other samples, the TP/PP/CP ranks of one DP rank hold replicas."""
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        ps = parallel_state
+        return ShardedObject(
+            "data_state", states, (ps.get_data_parallel_world_size(),), (ps.get_data_parallel_rank(),),
+            replica_id=(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                        ps.get_context_parallel_rank()),
+        )
 
     def load_megatron_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
@@ -179,7 +198,11 @@ class WorldModelModule(pl.LightningModule):
     def train_dataloader(self):
         from nemo_ext.training.data import build_train_dataloader
 
-        return build_train_dataloader(self.cfg, self.task, self.plan, start_step=self.trainer.global_step)
+        loader = build_train_dataloader(self.cfg, self.task, self.plan, start_step=self.trainer.global_step,
+                                        states=self._loader_states)
+        self._loader = loader if hasattr(loader, "state_dict") and not isinstance(
+            loader, torch.utils.data.DataLoader) else None
+        return loader
 
     def training_step(self, dataloader_iter):
         opt = self.optimizers()

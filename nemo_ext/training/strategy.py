@@ -250,6 +250,7 @@ class MegatronStrategy(ParallelStrategy):
             "optimizer": module.cfg.optim.name,
             "model": dataclasses.asdict(module.cfg.model),
             "ema": module.ema is not None,
+            "data_state": module._loader is not None,
         }
 
     def _check_optimizer_format(self, path: Path) -> None:
@@ -270,7 +271,7 @@ class MegatronStrategy(ParallelStrategy):
             )
 
     def load_checkpoint(self, checkpoint_path) -> Dict[str, Any]:
-        from megatron.core import dist_checkpointing
+        from megatron.core import dist_checkpointing, parallel_state
 
         path = Path(checkpoint_path).resolve()
         if not (path / "metadata.json").is_file():
@@ -287,6 +288,16 @@ class MegatronStrategy(ParallelStrategy):
         saved = dist_checkpointing.load_content_metadata(str(path)) or {}
         if module.ema is not None and saved.get("ema"):
             template["ema"] = module.ema.sharded_state_dict(model_sd)
+        # Reader positions only matter to a DALI loader (the PyAV loader derives its position from the step).
+        uses_dali = module.cfg.data.backend == "dali" and module.cfg.data.kind == "video"
+        if self.lightning_restore_optimizer and saved.get("data_state") and uses_dali:
+            if saved.get("dp") != parallel_state.get_data_parallel_world_size():
+                logger.warning(
+                    "the checkpoint's DALI reader positions are for %s data-parallel ranks, this run has %s: "
+                    "the readers start over (samples already seen may come again)",
+                    saved.get("dp"), parallel_state.get_data_parallel_world_size())
+            else:
+                template["data_state"] = module.data_state_template()
         logger.info("loading checkpoint %s", path)
         return dist_checkpointing.load(template, str(path))
 

@@ -36,3 +36,40 @@ def test_latent_shards_train_like_the_videos_they_came_from(train_cli, sample_wo
                        run_name="latent").metrics()
     for step in (1, 2, 3):
         assert latent[step]["loss"] == __import__("pytest").approx(video[step]["loss"], rel=1e-4), step
+
+
+def test_dali_loader_trains_and_resumes_from_its_reader_positions(train_cli, sample_world, tmp_path):
+    """data.backend=dali (DALI's CPU VP9 decoder here, NVDEC on GPU) over a two-source mixture:
+    a run resumed from step 3 restores both readers' positions from the checkpoint and takes
+    the steps 4-6 of the straight run (without them each reader would start over)."""
+    import os
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("nvidia.dali")
+    from data_prep.sample_world import generate
+
+    other = generate(tmp_path / "other", num_videos=6, num_frames=33, height=64, width=64, seed=3, progress=False)
+    common = [
+        *TINY, "data.backend=dali", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+        f"data.sources=[{{name:main,path:'{sample_world}'}},{{name:other,path:'{other}'}}]",
+        "data.stages=[{weights:{main:0.5,other:0.5}}]",
+    ]
+    straight = train_cli(common, run_name="straight")
+    rows = straight.metrics()
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[6]["samples_from_main"] + rows[6]["samples_from_other"] == 24
+    assert rows[6]["samples_from_main"] > 0 and rows[6]["samples_from_other"] > 0
+
+    # A run whose last checkpoint is the straight run's step 3 (as if it had been killed after it).
+    resumed_dir = straight.run_dir.parent / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(straight.run_dir / "checkpoints" / "step_3", resumed_dir / "step_3")
+    os.symlink("step_3", resumed_dir / "last")
+    resumed = train_cli(common, run_name="resumed")
+    assert "resuming from" in resumed.output
+    again = resumed.metrics()
+    assert sorted(again) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert again[step]["loss"] == pytest.approx(rows[step]["loss"], rel=1e-6, abs=1e-7), step

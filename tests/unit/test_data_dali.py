@@ -299,3 +299,37 @@ def test_shard_resolution(clean: Path, tmp_path: Path, caplog: pytest.LogCapture
         with loader(str(copy / "shard-{000000..000001}.tar"), shuffle=False, micro_batch_size=8) as dl:
             assert sorted(next(dl)["key"]) == [f"s{i:03d}" for i in range(8)]
     assert any("no index file" in r.getMessage() for r in caplog.records)
+
+
+# What DALI 2.4's NVDEC decoder ("mixed") raised on an H200 for a 64x64 VP9 video.
+NVDEC_TOO_SMALL = (
+    'Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.video`,\nencountered:\n\n'
+    'Assert on "width >= caps.nMinWidth && height >= caps.nMinHeight" failed: Video is too small in at '
+    'least one dimension. Provided: 64x64 vs supported:128x128\nC++ context: '
+    '[/opt/dali/dali/operators/video/frames_decoder_gpu.cc:179] \n'
+    'Current pipeline object is no longer valid.')
+
+
+class _FailingDecoder:
+    """Stands in for the decode pipeline: every run fails as NVDEC does on a too-small video."""
+
+    def feed_input(self, *args: Any) -> None:
+        pass
+
+    def schedule_run(self) -> None:
+        pass
+
+    def outputs(self) -> None:
+        raise RuntimeError(NVDEC_TOO_SMALL)
+
+    run = outputs
+
+
+def test_decoder_limit_is_a_configuration_error_not_corruption(clean: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DaliVideoLoader, "_build_decoder", lambda self, batch_size: _FailingDecoder())
+    expected = r"shard-000000\.tar: member s000\.mp4 \(vp9, 64x64\).*too small.*not a corrupt file"
+    with loader(clean, shuffle=False) as dl:
+        with pytest.raises(ValueError, match=expected):
+            next(dl)
+        assert dl.failed_samples == 0 and dl.excluded == []
