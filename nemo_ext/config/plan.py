@@ -138,7 +138,7 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     if d.height % step_h or d.width % step_w:
         raise ConfigError(f"data.height={d.height} / data.width={d.width} must be multiples of {step_h} / {step_w}")
     _choice(d.kind, "data.kind", ["video", "latent"])
-    _choice(d.backend, "data.backend", ["pyav", "dali"])
+    _choice(d.backend, "data.backend", ["auto", "dali", "pyav"])
     if d.backend == "dali" and d.kind == "video":
         import importlib.util
 

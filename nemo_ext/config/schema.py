@@ -39,7 +39,9 @@ class DataConfig:
     the microbatch schedule both derive from them."""
 
     kind: str = "video"  # video: encoded video shards decoded online | latent: precomputed latents + T5
-    backend: str = "pyav"  # video decoding: pyav (CPU, any codec) | dali (NVDEC on GPU; VP9 on CPU)
+    # video decoding: dali (NVDEC on GPU; VP9/VP8/MJPEG on CPU) | pyav (CPU, any codec) | auto (DALI
+    # wherever it can decode the data, else PyAV)
+    backend: str = "auto"
     # Shard directories / globs / brace patterns; null = the embedded procedural sample world,
     # generated on first use into ``sample_dir``.
     path: Optional[str] = None

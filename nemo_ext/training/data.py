@@ -4,8 +4,9 @@
   ``data.stages`` schedule (equal weights when no stage is given);
 * ``data.kind``: ``video`` (encoded clips decoded on the fly) or ``latent`` (precomputed latents
   and T5 embeddings: no decoding, no encoders);
-* ``data.backend``: ``pyav`` (CPU decoding in DataLoader workers, any codec) or ``dali`` (NVDEC on
-  GPU, VP9/VP8/MJPEG on CPU).
+* ``data.backend``: ``dali`` (NVDEC on GPU; VP9/VP8/MJPEG on CPU), ``pyav`` (CPU decoding in
+  DataLoader workers, any codec) or ``auto`` (the default: DALI wherever it can decode the data,
+  i.e. on GPU or for CPU-decodable codecs, PyAV otherwise; the choice and its reason are logged).
 
 Samples are split by data-parallel rank only: the TP/PP/CP ranks of one model replica read the
 same samples. The PyAV and latent paths are step-resumable without state; the DALI path carries
@@ -14,6 +15,7 @@ its reader state in the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -22,6 +24,8 @@ from megatron.core import parallel_state
 
 from nemo_ext.data.dataset import DataParallelBatchSampler, VideoClipDataset, collate_clips
 from nemo_ext.data.shards import ShardIndex
+
+logger = logging.getLogger(__name__)
 
 
 def data_source(cfg) -> str:
@@ -42,6 +46,56 @@ def schedule(cfg):
     names = [name for name, _ in sources(cfg)]
     stages = [Stage(s.until_step, dict(s.weights)) for s in cfg.data.stages] or [Stage(None, {n: 1.0 for n in names})]
     return Schedule(names, stages)
+
+
+def video_backend(cfg, plan) -> tuple[str, str]:
+    """(``dali`` | ``pyav``, why) for a video run: ``data.backend`` resolved on this machine."""
+    import importlib.util
+
+    chosen = cfg.data.backend
+    if chosen != "auto":
+        return chosen, f"data.backend={chosen}"
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        return "pyav", "NVIDIA DALI is not installed (pip install 'cosmos-recipes[dali]')"
+    if plan.device == "cuda":
+        return "dali", "GPU run: NVDEC decodes"
+    from nemo_ext.data.dali import CPU_CODECS
+
+    for name, path in sources(cfg):
+        codec = source_codec(path)
+        if codec not in CPU_CODECS:
+            return "pyav", (f"source {name!r} holds {codec or 'undetectable'} video, which DALI's CPU decoder "
+                            f"cannot read (it reads {', '.join(CPU_CODECS)})")
+    return "dali", f"CPU run on {'/'.join(sorted({source_codec(p) for _, p in sources(cfg)}))} video"
+
+
+def source_codec(path) -> str | None:
+    """The codec of a shard set's first video: its json's ``codec`` (written by data_prep and the
+    sample world), else a header probe of the video itself; None if neither says."""
+    import io
+    import json
+    import tarfile
+
+    from nemo_ext.data.shards import expand_paths
+
+    shards = sorted(expand_paths(path))
+    if not shards:
+        return None
+    with tarfile.open(shards[0]) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                meta = json.loads(tar.extractfile(member).read())
+                if isinstance(meta, dict) and meta.get("codec"):
+                    return str(meta["codec"])
+            elif member.name.endswith(".mp4"):
+                import av
+
+                try:
+                    with av.open(io.BytesIO(tar.extractfile(member).read())) as container:
+                        return container.streams.video[0].codec_context.name
+                except (av.FFmpegError, IndexError):
+                    return None
+    return None
 
 
 def ensure_sample_data(cfg) -> None:
@@ -93,10 +147,13 @@ def build_train_dataloader(cfg, task, plan, start_step: int = 0, states=None):
     from the step; the DALI loader restores the per-source reader ``states`` of a checkpoint."""
     d = cfg.data
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    if d.backend == "dali" and d.kind == "video":
-        from nemo_ext.training.dali_loader import build_dali_loader
+    if d.kind == "video":
+        backend, why = video_backend(cfg, plan)
+        logger.info("decoding video with %s (%s)", "DALI" if backend == "dali" else "PyAV", why)
+        if backend == "dali":
+            from nemo_ext.training.dali_loader import build_dali_loader
 
-        return build_dali_loader(cfg, task, plan, start_step, states)
+            return build_dali_loader(cfg, task, plan, start_step, states)
     named = sources(cfg)
     datasets = [_dataset(cfg, task, plan, path) for _, path in named]
     if len(datasets) == 1:

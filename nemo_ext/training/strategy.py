@@ -288,16 +288,15 @@ class MegatronStrategy(ParallelStrategy):
         saved = dist_checkpointing.load_content_metadata(str(path)) or {}
         if module.ema is not None and saved.get("ema"):
             template["ema"] = module.ema.sharded_state_dict(model_sd)
-        # Reader positions only matter to a DALI loader (the PyAV loader derives its position from the step).
-        uses_dali = module.cfg.data.backend == "dali" and module.cfg.data.kind == "video"
-        if self.lightning_restore_optimizer and saved.get("data_state") and uses_dali:
-            if saved.get("dp") != parallel_state.get_data_parallel_world_size():
+        # The DALI loader's reader positions (the PyAV loader derives its position from the step).
+        if self.lightning_restore_optimizer and saved.get("data_state"):
+            if saved.get("dp") == parallel_state.get_data_parallel_world_size():
+                template["data_state"] = module.data_state_template()
+            elif module.cfg.data.backend != "pyav":
                 logger.warning(
                     "the checkpoint's DALI reader positions are for %s data-parallel ranks, this run has %s: "
                     "the readers start over (samples already seen may come again)",
                     saved.get("dp"), parallel_state.get_data_parallel_world_size())
-            else:
-                template["data_state"] = module.data_state_template()
         logger.info("loading checkpoint %s", path)
         return dist_checkpointing.load(template, str(path))
 

@@ -18,7 +18,9 @@ from support import run_cli
 
 from nemo_ext.checkpoint import read_tensors
 
-COMMON = ["trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_n_checkpoints=5",
+# PyAV loader: its global batch does not depend on the data-parallel size (DALI's reader shards
+# the data by DP rank, so a DP layout would read other samples than the one-process reference).
+COMMON = ["data.backend=pyav", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_n_checkpoints=5",
           "data.num_workers=0", "data.sample_num_videos=16"]
 # layout name -> (processes, overrides). CI runs these on CPU ...
 LAYOUTS = {

@@ -27,7 +27,9 @@ def test_two_stage_mixture_follows_its_schedule(train_cli, sample_world, tmp_pat
 
 
 def test_latent_shards_train_like_the_videos_they_came_from(train_cli, sample_world, tmp_path):
-    same = ["data.clip_sampling=start", "data.sample_num_videos=16", f"data.sample_dir={sample_world}"]
+    # data_prep encodes latents from PyAV-decoded frames, so the video run decodes with PyAV too
+    # (DALI's resize differs from it in the last bits of colour: tests/unit/test_data_dali.py)
+    same = ["data.backend=pyav", "data.clip_sampling=start", "data.sample_num_videos=16", f"data.sample_dir={sample_world}"]
     cfg = to_typed(compose("general", "diffusion", [*same, "trainer.device=cpu"]))
     precompute_latents(cfg, sample_world, tmp_path / "latents", batch_size=3, device="cpu", dtype=torch.float32,
                        progress=False)

@@ -333,3 +333,36 @@ def test_decoder_limit_is_a_configuration_error_not_corruption(clean: Path,
         with pytest.raises(ValueError, match=expected):
             next(dl)
         assert dl.failed_samples == 0 and dl.excluded == []
+
+
+def test_auto_backend_uses_dali_wherever_it_can_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.backend=auto: DALI on GPU and for CPU-decodable codecs; PyAV for H.264 on CPU or
+    without DALI installed, with the reason."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from nemo_ext.config.compose import compose, to_typed
+    from nemo_ext.training.data import source_codec, video_backend
+
+    vp9 = write_shards(tmp_path / "vp9", [{"key": "a", "n": 9}])
+    h264 = write_shards(tmp_path / "h264", [{"key": "b", "n": 9, "codec": "h264"}])
+    with ShardWriter(tmp_path / "declared", max_count=4) as writer:  # the json's codec field is trusted
+        writer.write({"__key__": "c", "mp4": encode_video(marker_video(9), fps=8, codec="vp9"),
+                      "json": {"caption": "", "fps": 8.0, "codec": "mjpeg"}, "nframes.npy": np.array([9], np.int32)})
+    assert (source_codec(vp9), source_codec(h264), source_codec(tmp_path / "declared")) == ("vp9", "h264", "mjpeg")
+
+    def cfg(*overrides: str) -> Any:
+        return to_typed(compose("general", "diffusion", list(overrides)))
+
+    cpu, gpu = SimpleNamespace(device="cpu"), SimpleNamespace(device="cuda")
+    assert video_backend(cfg(f"data.path={vp9}"), cpu)[0] == "dali"
+    mixed = cfg(f"data.sources=[{{name:web,path:'{vp9}'}},{{name:robot,path:'{h264}'}}]")
+    backend, why = video_backend(mixed, cpu)
+    assert backend == "pyav" and "'robot' holds h264" in why, why
+    assert video_backend(mixed, gpu) == ("dali", "GPU run: NVDEC decodes")
+    assert video_backend(cfg(f"data.path={vp9}", "data.backend=pyav"), cpu) == ("pyav", "data.backend=pyav")
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("nvidia") else real(name, *a))
+    backend, why = video_backend(cfg(f"data.path={vp9}"), gpu)
+    assert backend == "pyav" and "not installed" in why
