@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = (hardware.get("gpu") or platform.machine()).split()[-1].replace("/", "-")
+    words = (hardware.get("gpu") or platform.machine()).replace("/", "-").split()
+    tag = words[1] if words[0] == "NVIDIA" and len(words) > 1 else words[0]  # "NVIDIA H100 80GB HBM3" -> H100
     path = args.out / f"dali_decode_{args.codec}_{tag}_{record['date']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
