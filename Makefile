@@ -20,20 +20,33 @@ ifneq ($(filter-out diffusion ar,$(FAMILY)),)
 $(error FAMILY=$(FAMILY): expected diffusion or ar)
 endif
 
-# NGPU: unset or 0 = CPU, 1 = one GPU, N > 1 = torchrun with N processes on this node.
-ifeq ($(strip $(NGPU)),)
+# NGPU: unset or 0 = CPU, 1 = one GPU, N > 1 = torchrun with N processes on this node
+# (launchers/local.sh does the launching; the device argument here is for print-config).
+ifeq ($(filter-out 0,$(strip $(NGPU))),)
   DEVICE_ARG := trainer.device=cpu
-  LAUNCH := $(PY) -m
-else ifeq ($(strip $(NGPU)),0)
-  DEVICE_ARG := trainer.device=cpu
-  LAUNCH := $(PY) -m
-else ifeq ($(strip $(NGPU)),1)
-  DEVICE_ARG := trainer.device=gpu
-  LAUNCH := $(PY) -m
 else
   DEVICE_ARG := trainer.device=gpu
-  LAUNCH := $(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m
 endif
+
+# Slurm (make slurm / sweep): each variable set becomes a launcher.* override.
+NODES ?=
+GPUS_PER_NODE ?=
+PARTITION ?=
+ACCOUNT ?=
+TIME ?=
+CONTAINER ?=
+MOUNTS ?=
+SWEEP ?=
+NAME ?=
+RUN ?=
+DRY_RUN ?=
+comma := ,
+SLURM_ARGS := $(if $(NODES),launcher.nodes=$(NODES)) $(if $(GPUS_PER_NODE),launcher.gpus_per_node=$(GPUS_PER_NODE)) \
+  $(if $(PARTITION),launcher.partition=$(PARTITION)) $(if $(ACCOUNT),launcher.account=$(ACCOUNT)) \
+  $(if $(TIME),launcher.time=$(TIME)) $(if $(CONTAINER),launcher.container=$(CONTAINER)) \
+  $(if $(MOUNTS),'launcher.mounts=[$(MOUNTS)]')
+# argparse: options before the overrides (RECIPE_ARGS ends with positional overrides).
+LAUNCH_FLAGS := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
 RECIPE_ARGS := --recipe $(recipe) --family $(FAMILY) $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data.path=$(DATA))
 
@@ -41,7 +54,7 @@ CMD ?=
 FROM ?=
 TO ?=
 
-.PHONY: help setup train print-config convert test test-full sample-data data clean-venv
+.PHONY: help setup train slurm sweep sweep-report print-config convert test test-full sample-data data clean-venv docker
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -57,6 +70,9 @@ help: ## Show targets and variables
 	@echo "  NGPU=<n>           unset/0 = CPU, 1 = one GPU, n > 1 = torchrun with n processes"
 	@echo "  ARGS=\"...\"         Hydra overrides, e.g. ARGS=\"trainer.max_steps=10 optim.lr=1e-5\""
 	@echo "  WHEELS=<dir>       (setup) offline: reuse this Python's torch & co, add the wheels in <dir>"
+	@echo "  Slurm (slurm, sweep): NODES= GPUS_PER_NODE= (0 = CPU nodes) PARTITION= ACCOUNT= TIME= CONTAINER=<image>"
+	@echo "                     MOUNTS=src:dst,... DRY_RUN=1 (print the script only); sweep: SWEEP=\"k=v1,v2 k2=v3\" NAME="
+	@echo "  RUN=<sweep dir>    (sweep-report) the sweep to tabulate"
 	@echo
 	@echo "Example: make setup && make recipe=general train"
 
@@ -98,9 +114,23 @@ define need_venv
 	@test -x $(PY) || { echo "error: $(VENV) is missing: run 'make setup' first"; exit 1; }
 endef
 
-train: ## Post-train: make recipe=<task> train [MODEL= DATA= NGPU= ARGS=]
+train: ## Post-train here: make recipe=<task> train [MODEL= DATA= NGPU= ARGS=] (launchers/local.sh)
 	$(need_venv)
-	$(LAUNCH) nemo_ext.cli.train $(RECIPE_ARGS) $(DEVICE_ARG) $(ARGS)
+	NGPU=$(NGPU) PYTHON=$(PY) launchers/local.sh $(RECIPE_ARGS) $(ARGS)
+
+slurm: ## Submit to Slurm: make recipe=<task> slurm NODES=n [GPUS_PER_NODE= PARTITION= ACCOUNT= TIME= CONTAINER= MOUNTS= ARGS= DRY_RUN=1]
+	$(need_venv)
+	$(PY) -m nemo_ext.cli.launch slurm $(LAUNCH_FLAGS) $(RECIPE_ARGS) $(SLURM_ARGS) $(ARGS)
+
+sweep: ## Sweep as a Slurm job array: make recipe=<task> sweep SWEEP="optim.lr=1e-5,3e-5 trainer.max_steps=100" [NAME= + slurm vars]
+	$(need_venv)
+	@test -n "$(SWEEP)" || { echo 'usage: make recipe=<task> sweep SWEEP="key=v1,v2 key2=v3" [NAME=<sweep name>] [NODES= ... ARGS=]'; exit 2; }
+	$(PY) -m nemo_ext.cli.launch sweep $(LAUNCH_FLAGS) --sweep '$(SWEEP)' $(if $(NAME),--name $(NAME)) $(RECIPE_ARGS) $(SLURM_ARGS) $(ARGS)
+
+sweep-report: ## Tabulate a sweep's validation losses: make sweep-report RUN=runs/<recipe>/<family>_<model>/<sweep name>
+	$(need_venv)
+	@test -n "$(RUN)" || { echo "usage: make sweep-report RUN=<sweep directory>"; exit 2; }
+	@$(PY) -m nemo_ext.cli.launch sweep-report $(RUN)
 
 print-config: ## Print the resolved config of a recipe (with MODEL/DATA/ARGS applied)
 	$(need_venv)
@@ -139,3 +169,13 @@ test-full: ## Run every test: the full parallel-equivalence matrix (+ GPU tests 
 
 clean-venv: ## Remove .venv
 	rm -rf $(VENV)
+
+# Docker image (Dockerfile: NGC PyTorch base + this package in .venv; README "Docker and enroot/pyxis").
+IMAGE ?= cosmos-recipes:latest
+BASE_IMAGE ?=
+DOCKER ?= docker
+
+docker: ## Build the image: make docker [IMAGE=cosmos-recipes:latest BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3]
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "error: '$(DOCKER)' not found: install Docker to build the image (or DOCKER=podman), or use the README's enroot/pyxis route with a prebuilt image"; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "error: '$(DOCKER)' cannot reach a daemon ('$(DOCKER) info' fails): start it, or build on a machine that has one"; exit 1; }
+	$(DOCKER) build -t $(IMAGE) $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -f Dockerfile .

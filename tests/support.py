@@ -20,11 +20,24 @@ class CliRun:
     def output(self) -> str:
         return self.proc.stdout + self.proc.stderr
 
-    def metrics(self) -> dict[int, dict]:
-        """Rows of <run>/metrics.jsonl by step (the current segment of the run)."""
+    def rows(self) -> list[dict]:
+        """Every row of <run>/metrics.jsonl, in order (train and validation rows)."""
         path = self.run_dir / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {row["step"]: row for row in rows}
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def metrics(self) -> dict[int, dict]:
+        """Train rows of <run>/metrics.jsonl by step (the current segment of the run), with the
+        step's validation values (``val_loss``, ``val_samples``) merged in where there are some."""
+        rows = self.rows()
+        out = {row["step"]: dict(row) for row in rows if "val_loss" not in row}
+        for row in rows:
+            if "val_loss" in row and row["step"] in out:
+                out[row["step"]].update(row)
+        return out
+
+    def val_metrics(self) -> dict[int, dict]:
+        """Validation rows of <run>/metrics.jsonl by step."""
+        return {row["step"]: row for row in self.rows() if "val_loss" in row}
 
 
 def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", timeout: int = 900,

@@ -76,7 +76,13 @@ def main(argv=None) -> int:
         return run_training(cfg, plan, composed=_cfg)
 
     task(composed)
+    from nemo_ext.training.preemption import read_status
+
+    status = read_status(plan.run_dir) or {}
     print(f"run directory: {Path(plan.run_dir).resolve()}")
+    if status.get("state") == "preempted":
+        then = "the job was requeued and resumes there" if status.get("requeued") else "run the same command to resume"
+        print(f"stopped by {status.get('signal')} at step {status.get('step')} (checkpoint saved): {then}")
     return 0
 
 

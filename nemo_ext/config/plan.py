@@ -40,10 +40,9 @@ class RunPlan:
 
 
 def world_size_from_env() -> int:
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    """The launcher's WORLD_SIZE (torchrun, or the Slurm job script's mapping of SLURM_NTASKS);
+    SLURM_NTASKS alone is not used: inside an salloc shell it counts tasks this process is not one of."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def _choice(value, key: str, allowed) -> None:
@@ -90,6 +89,7 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     if cfg.family not in task.families:
         raise ConfigError(f"task {task.name!r} supports families {list(task.families)}, not family={cfg.family!r}")
     _choice(cfg.strategy.name, "strategy.name", ["full"])
+    _choice(cfg.launcher.name, "launcher.name", ["local", "slurm"])
 
     # ---- device and precision ----
     _choice(tr.device, "trainer.device", ["auto", "cpu", "gpu"])
@@ -102,6 +102,10 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     for key in ("max_steps", "log_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(tr, key)} must be >= 1")
+    if tr.val_every_n_steps < 0:
+        raise ConfigError(f"trainer.val_every_n_steps={tr.val_every_n_steps} must be >= 0 (0 turns validation off)")
+    if tr.val_batches < 1:
+        raise ConfigError(f"trainer.val_batches={tr.val_batches} must be >= 1 (global batches per validation)")
 
     # ---- parallel layout ----
     for key in ("tp", "pp", "cp"):
@@ -145,6 +149,8 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
         if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
             raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install 'cosmos-recipes[dali]' (or use data.backend=pyav)")
     _check_sources(d)
+    if d.sample_val_num_videos < 1:
+        raise ConfigError(f"data.sample_val_num_videos={d.sample_val_num_videos} must be >= 1 (held-out sample world)")
     _choice(d.resize_mode, "data.resize_mode", ["crop", "pad"])
     _choice(d.clip_sampling, "data.clip_sampling", ["random", "start"])
     if d.frame_stride < 1:

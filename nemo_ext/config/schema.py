@@ -48,12 +48,17 @@ class DataConfig:
     # A mixture instead of `path`: named shard sets, weighted by `stages` (equal weights if none).
     sources: List[DataSourceConfig] = field(default_factory=list)
     stages: List[DataStageConfig] = field(default_factory=list)
+    # Held-out shards for the validation loss (directories / globs like `path`). Null: on the sample
+    # world, a held-out sample world (other videos: seed 1) generated into `<sample_dir>_val`; with
+    # `path` / `sources` given, no validation.
+    val_path: Optional[str] = None
     # A corrupt video met during training is skipped and counted; too many stop the run.
     max_failed_samples: int = 100
     max_failed_fraction: float = 0.01
     sample_variant: str = "general"
     sample_dir: str = "data/sample/${data.sample_variant}"
     sample_num_videos: int = 64
+    sample_val_num_videos: int = 8  # videos of the held-out sample world
     sample_num_frames: int = 33
     num_frames: int = 17  # pixel frames per clip: 1 + 8k (the tokenizer compresses time 8x)
     frame_stride: int = 1
@@ -113,6 +118,10 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 50
+    # Validation loss on held-out data (data.val_path) every this many steps and at the last step
+    # (0 = off): `val_batches` global batches of fixed clips with fixed noise, forward only.
+    val_every_n_steps: int = 50
+    val_batches: int = 2
     keep_last_n_checkpoints: int = 2
     resume: bool = True  # resume from the run directory's checkpoints/last when it exists
     init_from: Optional[str] = None  # weights to start from (a checkpoint dir): e.g. an imported base model
@@ -129,7 +138,34 @@ class TrainerConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"
+    """Where the processes run. ``local``: this machine (one process, or torchrun with NGPU
+    processes). ``slurm``: ``python -m nemo_ext.cli.launch slurm|sweep`` renders an sbatch script
+    (launchers/slurm.sbatch.j2) that starts one srun task per GPU (CPU runs: ``tasks_per_node``);
+    the trainer reads the preemption fields at run time."""
+
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0 = CPU nodes (tasks_per_node processes on each)
+    tasks_per_node: int = 1  # CPU runs only; GPU runs start one task per GPU
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None  # sbatch --time, e.g. "04:00:00"
+    job_name: Optional[str] = None  # null: cosmos-<recipe>
+    exclusive: bool = False
+    # pyxis/enroot: an image (squashfs file or registry reference) and extra src:dst mounts. The run
+    # directory and the sample data are mounted at their own absolute paths automatically.
+    container: Optional[str] = None
+    mounts: List[str] = field(default_factory=list)
+    container_workdir: str = "/workspace/cosmos-recipes"
+    # Sourced by the job script before srun (cluster network settings, NCCL knobs); relative to the repo.
+    env_file: Optional[str] = "launchers/env/default.env"
+    extra_sbatch: List[str] = field(default_factory=list)  # more "#SBATCH" options: launcher.extra_sbatch=['--qos=high']
+    # Preemption / time limit: Slurm sends SIGUSR1 this many seconds before the limit; the trainer
+    # saves a checkpoint and exits, and with `requeue` puts the job back in the queue to resume.
+    signal_seconds: int = 120
+    requeue: bool = True
+    max_parallel: int = 0  # sweeps: at most this many array tasks at once (0 = no limit)
 
 
 @dataclass

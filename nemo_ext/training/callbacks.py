@@ -70,6 +70,11 @@ class StepMetrics(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_end = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent between steps on other work (validation) out of the step time."""
+        if self._last_end is not None:
+            self._last_end += seconds
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last_end is not None:

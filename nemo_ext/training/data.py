@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -98,29 +99,46 @@ def source_codec(path) -> str | None:
     return None
 
 
+# The held-out sample world is the same procedural world with other videos (the training world
+# uses seed 0).
+HELD_OUT_SAMPLE_SEED = 1
+
+
+def held_out_sample_dir(cfg) -> str:
+    """Where the held-out sample world of the validation loss lives: ``<data.sample_dir>_val``."""
+    return str(Path(cfg.data.sample_dir)) + "_val"
+
+
 def ensure_sample_data(cfg) -> None:
-    """Generate the procedural sample world of ``cfg.data`` when no data is given (a no-op
-    when it already exists with the same parameters). Global rank 0 writes, the others wait."""
-    if cfg.data.path or cfg.data.sources:
+    """Generate the procedural sample world of ``cfg.data`` when no data is given, and its held-out
+    counterpart (``<data.sample_dir>_val``) when validation is on and ``data.val_path`` is unset
+    (a no-op for each when it already exists with the same parameters). Global rank 0 writes, the
+    others wait."""
+    d = cfg.data
+    if d.path or d.sources:
         return
+    worlds = [(d.sample_dir, d.sample_num_videos, 0)]
+    if cfg.trainer.val_every_n_steps > 0 and not d.val_path:
+        worlds.append((held_out_sample_dir(cfg), d.sample_val_num_videos, HELD_OUT_SAMPLE_SEED))
     if not dist.is_initialized() or dist.get_rank() == 0:
         from data_prep.sample_world import generate
 
-        generate(
-            out_dir=cfg.data.sample_dir,
-            variant=cfg.data.sample_variant,
-            num_videos=cfg.data.sample_num_videos,
-            num_frames=cfg.data.sample_num_frames,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            seed=0,
-            workers=max(1, min(8, (os.cpu_count() or 1) - 1)),  # same bytes for any worker count
-        )
+        for out_dir, num_videos, seed in worlds:
+            generate(
+                out_dir=out_dir,
+                variant=d.sample_variant,
+                num_videos=num_videos,
+                num_frames=d.sample_num_frames,
+                height=d.height,
+                width=d.width,
+                seed=seed,
+                workers=max(1, min(8, (os.cpu_count() or 1) - 1)),  # same bytes for any worker count
+            )
     if dist.is_initialized():
         dist.barrier()
 
 
-def _dataset(cfg, task, plan, path):
+def _dataset(cfg, task, plan, path, clip_sampling=None):
     d = cfg.data
     sidecars = dict(task.sidecars)
     if d.kind == "latent":
@@ -136,7 +154,7 @@ def _dataset(cfg, task, plan, path):
         height=d.height,
         width=d.width,
         stride=d.frame_stride,
-        clip_sampling=d.clip_sampling,
+        clip_sampling=clip_sampling or d.clip_sampling,
         resize_mode=d.resize_mode,
         sidecars=sidecars,
     )
@@ -183,4 +201,17 @@ def build_train_dataloader(cfg, task, plan, start_step: int = 0, states=None):
         collate_fn=collate_clips,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=d.num_workers > 0,
+        worker_init_fn=ignore_preemption_signals,
     )
+
+
+def ignore_preemption_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGUSR1/SIGTERM to the trainer: Slurm signals every process of a job
+    step, and a worker killed by the preemption warning would take the run down before its
+    checkpoint (workers still exit with the trainer: PyTorch watches their parent)."""
+    import signal
+
+    from nemo_ext.training.preemption import PREEMPTION_SIGNALS
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -51,11 +51,12 @@ class DiffusionModule(WorldModelModule):
         )
         return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m))
 
-    def prepare_microbatch(self, raw: dict, index: int) -> dict:
+    def prepare_microbatch(self, raw: dict, index: int, validation: bool = False) -> dict:
         """Move a loader batch to the device, encode video and captions with the frozen encoders,
         and draw each sample's noise level and noise from a generator seeded by the sample's
         position in the data stream: every layout (TP/PP/DP, microbatching) and a resumed run
-        see identical draws."""
+        see identical draws. A validation batch draws from its sample seeds alone (the same noise
+        whatever ``trainer.seed``: the runs of a sweep are validated alike), without caption dropout."""
         device = self.compute_device
         if "latents" in raw:  # precomputed latent shards
             latents = raw["latents"].to(device, non_blocking=True)
@@ -63,9 +64,10 @@ class DiffusionModule(WorldModelModule):
             latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
         gen = torch.Generator(device=device)
         sigmas, noises, dropped, cond_noises = [], [], [], []
-        p_drop = getattr(self.cfg.task, "caption_dropout", 0.0)
+        p_drop = 0.0 if validation else getattr(self.cfg.task, "caption_dropout", 0.0)
+        base_seed = 0 if validation else self.cfg.trainer.seed
         for seed in raw["sample_seed"].tolist():
-            gen.manual_seed(noise_seed(self.cfg.trainer.seed, seed))
+            gen.manual_seed(noise_seed(base_seed, seed))
             sigmas.append(self.edm.sample_sigma(1, gen))
             noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
             dropped.append(p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop)

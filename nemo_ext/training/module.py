@@ -4,7 +4,9 @@ One ``training_step`` is one optimizer step over a global batch: it pulls this d
 rank's microbatches from the loader, lets megatron's forward/backward schedule run them (1F1B
 under pipeline parallelism), then steps megatron's optimizer and the LR schedule. A family
 subclass provides the model (``build_world_model``), how a loader batch becomes a microbatch
-(``prepare_microbatch``) and the forward pass with its loss (``forward_step``).
+(``prepare_microbatch``; with ``validation=True`` for the held-out batches: fixed draws, no caption
+dropout) and the forward pass with its loss (``forward_step``). ``validation_loss`` runs the same
+forward pass, forward only, on held-out data (see ``nemo_ext.training.validation``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,39 @@ class _Microbatches:
         out = self.prepare(raw, self.index)
         self.index += 1
         return out
+
+
+def _rng_states() -> dict:
+    """Every RNG state a training step may draw from: torch (CPU, CUDA), megatron's tracker
+    streams (dropout per TP rank), Python and NumPy."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "tracker": {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tracker.get_states().items()},
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"])
+    if states["tracker"]:
+        tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
 
 
 class DataAccounting:
@@ -104,8 +139,10 @@ class WorldModelModule(pl.LightningModule):
         (tokenizers, text encoders) are attached to ``self`` here too."""
         raise NotImplementedError
 
-    def prepare_microbatch(self, raw: dict, index: int) -> dict:
-        """A loader batch -> the model's inputs on this rank's device."""
+    def prepare_microbatch(self, raw: dict, index: int, validation: bool = False) -> dict:
+        """A loader batch -> the model's inputs on this rank's device. ``validation``: a held-out
+        batch, whose random draws (noise, ...) must depend on ``raw["sample_seed"]`` only, with
+        training-only augmentation (caption dropout, ...) off."""
         raise NotImplementedError
 
     def forward_step(self, data_iterator, model):
@@ -238,6 +275,45 @@ class WorldModelModule(pl.LightningModule):
         self.log("train/grad_norm", stats["grad_norm"], on_step=True, batch_size=self.cfg.data.global_batch_size)
         self.log("train/lr", stats["lr"], on_step=True, batch_size=self.cfg.data.global_batch_size)
         return None
+
+    def validation_loss(self, loader) -> tuple[float, int]:
+        """Mean loss over the held-out samples of ``loader`` (this rank's share of the validation
+        batches, ``nemo_ext.training.validation.build_val_dataloader``) and their number over all
+        data-parallel ranks. A collective: every rank calls it at the same step.
+
+        Megatron's schedule runs ``forward_step`` over the same model chunks, forward only, without
+        grad, in eval mode; no optimizer state, gradient buffer or training loader is touched, and
+        the RNG states are restored afterwards, so training goes on exactly as without it."""
+        num_microbatches = len(loader)
+        states = _rng_states()
+        modes = [(m, m.training) for chunk in self._chunks for m in chunk.modules()]
+        hooked = [chunk for chunk in self._chunks if getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:  # overlapped param all-gather: gather now, as megatron does for eval
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            for chunk in self._chunks:
+                chunk.eval()
+            with torch.no_grad():
+                losses = get_forward_backward_func()(
+                    forward_step_func=self.forward_step,
+                    data_iterator=_Microbatches(
+                        iter(loader), lambda raw, i: self.prepare_microbatch(raw, i, validation=True),
+                        num_microbatches, lambda raw: None,
+                    ),
+                    model=self._chunks,
+                    num_microbatches=num_microbatches,
+                    seq_length=self.plan.num_tokens,
+                    micro_batch_size=self.cfg.data.micro_batch_size,
+                    forward_only=True,
+                )
+        finally:
+            for module, training in modes:
+                module.training = training
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
+            _set_rng_states(states)
+        samples = num_microbatches * self.cfg.data.micro_batch_size * parallel_state.get_data_parallel_world_size()
+        return self._reduce_loss(losses), samples
 
     def data_counts(self) -> dict[str, int]:
         """Samples seen per source and corrupt ones skipped, summed over data-parallel ranks

@@ -44,13 +44,18 @@ def build_trainer(cfg, plan: RunPlan):
 
     from nemo_ext.training.callbacks import StepMetrics, StepProgressBar
     from nemo_ext.training.checkpoint import RunCheckpoint
+    from nemo_ext.training.preemption import RunLifecycle
     from nemo_ext.training.strategy import MegatronStrategy
+    from nemo_ext.training.validation import ValidationLoss
 
     strategy = MegatronStrategy(cfg.parallel, device=plan.device, seed=cfg.trainer.seed)
     callbacks = [
         RunCheckpoint(plan.checkpoint_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_last_n_checkpoints),
         StepMetrics(cfg.trainer.log_every_n_steps, cfg.data.global_batch_size, plan.flops_per_sample, plan.world_size),
+        RunLifecycle(plan.run_dir, requeue=cfg.launcher.requeue),
     ]
+    # After the preemption handler: a run stopping on a signal saves without validating first.
+    callbacks.append(ValidationLoss(cfg.trainer.val_every_n_steps))
     if cfg.trainer.progress_bar:
         callbacks.append(StepProgressBar())
     return pl.Trainer(
@@ -128,9 +133,10 @@ def run_training(cfg, plan: RunPlan, composed=None):
         resumed = f"resuming from {Path(trainer.ckpt_path).resolve()}" if trainer.ckpt_path else "starting from scratch"
         nemo_logging.info(f"run directory {log_dir} ({resumed})")
     from nemo_ext.training.callbacks import StepMetrics
+    from nemo_ext.training.validation import ValidationLoss
 
     for cb in trainer.callbacks:
-        if isinstance(cb, StepMetrics):
+        if isinstance(cb, (StepMetrics, ValidationLoss)):
             cb.metrics_path = log_dir / "metrics.jsonl"
     if trainer.is_global_zero:
         resolved = composed if composed is not None else OmegaConf.structured(cfg)

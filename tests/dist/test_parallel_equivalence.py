@@ -6,7 +6,9 @@ its layout) and must reproduce the reference's step-2 loss and grad norm, and it
 the whole model after the update, which equal weights only if the gradients were equal. The
 TP2xPP2 run's own step-2 checkpoint is then resumed in one process and must reproduce step 3
 (resharding back). Runs are real multi-process worlds started with torchrun through the training
-CLI: gloo on CPU (CI) and NCCL on GPUs (marked multigpu).
+CLI: gloo on CPU (CI) and NCCL on GPUs (marked multigpu). The same runs check the validation loss:
+the reference validates after steps 2 and 3, every layout after its last step (2), on the held-out
+sample world split over its data-parallel ranks, and must match.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from nemo_ext.checkpoint import read_tensors
 # PyAV loader: its global batch does not depend on the data-parallel size (DALI's reader shards
 # the data by DP rank, so a DP layout would read other samples than the one-process reference).
 COMMON = ["data.backend=pyav", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_n_checkpoints=5",
-          "data.num_workers=0", "data.sample_num_videos=16"]
+          "data.num_workers=0", "data.sample_num_videos=16", "trainer.val_every_n_steps=2"]
 # layout name -> (processes, overrides). CI runs these on CPU ...
 LAYOUTS = {
     "tp2": (2, ["parallel=tp2"]),
@@ -112,6 +114,8 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on GPU
     assert rows[2]["loss"] == pytest.approx(ref[2]["loss"], rel=tol), (name, rows[2], ref[2])
     assert rows[2]["grad_norm"] == pytest.approx(ref[2]["grad_norm"], rel=10 * tol), (name, rows[2], ref[2])
+    assert rows[2]["val_samples"] == ref[2]["val_samples"] == 8
+    assert rows[2]["val_loss"] == pytest.approx(ref[2]["val_loss"], rel=tol), (name, rows[2], ref[2])
     if device == "cpu":
         _assert_same_weights(reference.run_dir / "checkpoints" / "step_2", run.run_dir / "checkpoints" / "step_2", name)
 
@@ -121,3 +125,4 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
         rows = back.metrics()
         assert rows[3]["loss"] == pytest.approx(ref[3]["loss"], rel=tol)
         assert rows[3]["grad_norm"] == pytest.approx(ref[3]["grad_norm"], rel=10 * tol)
+        assert rows[3]["val_loss"] == pytest.approx(ref[3]["val_loss"], rel=tol)

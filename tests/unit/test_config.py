@@ -76,6 +76,9 @@ def test_dit_7b_general_shape_is_56320_tokens():
         (["parallel.tp=2", "parallel.sequence_parallel=true", "model.text_encoder.max_length=33"], 2, "max_length=33"),
         (["parallel.cp=5"], 5, "cannot be split over parallel.cp=5"),
         (["model=dit_tiny_v2w", "model.condition_latent_frames=3"], 1, "model.condition_latent_frames=3"),
+        (["trainer.val_every_n_steps=-1"], 1, "trainer.val_every_n_steps=-1"),
+        (["trainer.val_batches=0"], 1, "trainer.val_batches=0"),
+        (["data.sample_val_num_videos=0"], 1, "data.sample_val_num_videos=0"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, world, needle):
