@@ -51,10 +51,11 @@ LAUNCH_FLAGS := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 RECIPE_ARGS := --recipe $(recipe) --family $(FAMILY) $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data.path=$(DATA))
 
 CMD ?=
+CKPT ?=
 FROM ?=
 TO ?=
 
-.PHONY: help setup train slurm sweep sweep-report print-config convert test test-full sample-data data clean-venv docker
+.PHONY: help setup train slurm sweep sweep-report print-config convert sample test test-full sample-data data clean-venv docker
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -73,6 +74,7 @@ help: ## Show targets and variables
 	@echo "  Slurm (slurm, sweep): NODES= GPUS_PER_NODE= (0 = CPU nodes) PARTITION= ACCOUNT= TIME= CONTAINER=<image>"
 	@echo "                     MOUNTS=src:dst,... DRY_RUN=1 (print the script only); sweep: SWEEP=\"k=v1,v2 k2=v3\" NAME="
 	@echo "  RUN=<sweep dir>    (sweep-report) the sweep to tabulate"
+	@echo "  CKPT=<dir|last>    (sample) run dir, checkpoint dir, or last: the newest run of recipe/FAMILY/MODEL"
 	@echo
 	@echo "Example: make setup && make recipe=general train"
 
@@ -140,6 +142,15 @@ convert: ## Convert checkpoints: make convert CMD=import|export FROM=<dir> TO=<d
 	$(need_venv)
 	@test -n "$(CMD)" -a -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make convert CMD=import|export FROM=<dir> TO=<dir> [MODEL=<preset>]"; exit 2; }
 	$(PY) -m nemo_ext.cli.convert $(CMD) --from $(FROM) --to $(TO) $(if $(and $(MODEL),$(filter import,$(CMD))),--model $(MODEL)) $(ARGS)
+
+# CKPT=last: the newest run of recipe/FAMILY/MODEL (runs/<recipe>/<family>_<model>/...); a run or
+# checkpoint directory carries its own config. ARGS: sample options (--prompt, --from-data, ...).
+SAMPLE_LAST_ARGS = $(if $(filter last,$(CKPT)),--recipe $(recipe) --family $(FAMILY) $(if $(MODEL),--model $(MODEL)))
+
+sample: ## Generate a video (mp4): make sample CKPT=<run|checkpoint dir|last> [FAMILY= MODEL= ARGS="--prompt '...' --from-data --side-by-side"]
+	$(need_venv)
+	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=<run dir|checkpoint dir|last> [recipe= FAMILY= MODEL=] [ARGS=\"--prompt '...' --video in.mp4 | --from-data ...\"]"; exit 2; }
+	$(PY) -m nemo_ext.cli.sample --ckpt $(CKPT) $(SAMPLE_LAST_ARGS) $(ARGS)
 
 sample-data: ## Generate the procedural sample world of a recipe into data/sample/<variant>/
 	$(need_venv)

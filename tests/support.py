@@ -41,11 +41,12 @@ class CliRun:
 
 
 def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", timeout: int = 900,
-            check: bool = True, recipe: str = "general", background: bool = False, device: str = "cpu"):
+            check: bool = True, recipe: str = "general", background: bool = False, device: str = "cpu",
+            family: str = "diffusion"):
     """Run ``python -m nemo_ext.cli.train`` (``torchrun`` when nproc > 1) on ``device`` (cpu: gloo,
     gpu: NCCL), the path a user's run takes. Returns a CliRun, or with ``background=True`` a
     (Popen, run_dir) pair."""
-    args = ["--recipe", recipe, f"trainer.device={device}", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
+    args = ["--recipe", recipe, "--family", family, f"trainer.device={device}", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
             f"run_name={run_name}", *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -57,8 +58,9 @@ def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", t
         env["OMP_NUM_THREADS"] = "1"  # 2-core CI machines: no thread oversubscription
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "dit_tiny")
-    run_dir = Path(runs_dir) / recipe / f"diffusion_{model}" / run_name
+    default_model = "ar_tiny" if family == "ar" else "dit_tiny"
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), default_model)
+    run_dir = Path(runs_dir) / recipe / f"{family}_{model}" / run_name
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), run_dir
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -7,6 +7,11 @@
         any of our checkpoints -> a diffusers folder (EMA weights when the checkpoint has them)
 
 --model checks that the imported weights have the architecture of a model preset (recipes/_base/model).
+
+Autoregressive family (released Cosmos-1 AR ``model.pt`` files; --family auto detects it from the source):
+
+    python -m nemo_ext.cli.convert import --family ar --from <model.pt or its folder> --to <checkpoint dir> --model ar_4b
+    python -m nemo_ext.cli.convert export --from <AR checkpoint|run dir> --to <model.pt or folder> [--weights auto|ema|raw]
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import", help="diffusers -> our sharded checkpoint")
     imp.add_argument("--from", dest="src", required=True)
     imp.add_argument("--to", dest="dst", required=True)
-    imp.add_argument("--model", default=None, help="model preset the weights must match (e.g. dit_7b)")
+    imp.add_argument("--model", default=None, help="model preset the weights must match (e.g. dit_7b; required for ar)")
+    imp.add_argument("--family", default="auto", choices=["auto", "diffusion", "ar"],
+                     help="auto: a .pt/.pth/.safetensors file (or a folder with model.pt) is a Cosmos AR checkpoint")
     exp = sub.add_parser("export", help="our checkpoint -> diffusers")
     exp.add_argument("--from", dest="src", required=True)
     exp.add_argument("--to", dest="dst", required=True)
     exp.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"])
+    exp.add_argument("--family", default="auto", choices=["auto", "diffusion", "ar"],
+                     help="auto: the family recorded in the checkpoint")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if _family(args) == "ar":
+        return _main_ar(args)
 
     from nemo_ext.checkpoint import ConversionError, export_diffusers, import_diffusers
     from nemo_ext.config.compose import ConfigError
@@ -62,6 +73,46 @@ def main(argv=None) -> int:
             print(f"architecture matches model presets: {matches or 'none (pass model.* overrides when training)'}")
         else:
             chosen = export_diffusers(args.src, args.dst, weights=args.weights)
+            print(f"exported {chosen} weights of {args.src} -> {args.dst}")
+    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"convert error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _family(args) -> str:
+    if args.family != "auto":
+        return args.family
+    from pathlib import Path
+
+    src = Path(args.src)
+    if args.command == "import":
+        is_ar = src.is_file() and src.suffix in (".pt", ".pth", ".safetensors")
+        return "ar" if is_ar or (src.is_dir() and (src / "model.pt").is_file()) else "diffusion"
+    try:
+        from megatron.core import dist_checkpointing
+
+        from nemo_ext.training.checkpoint import resolve_checkpoint
+
+        meta = dist_checkpointing.load_content_metadata(str(resolve_checkpoint(str(src)))) or {}
+        return (meta.get("model") or {}).get("family", "diffusion")
+    except Exception:  # noqa: BLE001 - the chosen path reports a missing or broken checkpoint
+        return "diffusion"
+
+
+def _main_ar(args) -> int:
+    from nemo_ext.checkpoint.cosmos_ar import ConversionError, export_cosmos_ar, import_cosmos_ar
+    from nemo_ext.config.compose import ConfigError
+    from nemo_ext.models.ar.config import ar_preset
+
+    try:
+        if args.command == "import":
+            if not args.model:
+                raise ConfigError("--model is required for an AR import (model.pt carries no config): e.g. --model ar_4b")
+            cfg = import_cosmos_ar(args.src, args.dst, ar_preset(args.model))
+            print(f"imported {args.src} -> {args.dst} (model={cfg.name})")
+        else:
+            chosen = export_cosmos_ar(args.src, args.dst, weights=args.weights)
             print(f"exported {chosen} weights of {args.src} -> {args.dst}")
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"convert error: {exc}", file=sys.stderr)

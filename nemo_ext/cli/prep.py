@@ -13,6 +13,11 @@
         videos with a same-stem JSON of language instructions next to each -> clip shards
     python -m nemo_ext.cli.prep latents --from <video shards> --out DIR [--recipe general] [overrides]
         precompute tokenizer latents + T5 embeddings (data.kind=latent trains on them)
+    python -m nemo_ext.cli.prep tokens --from <video shards> --out DIR [--recipe general --family ar] [overrides]
+        AR family: precompute discrete tokenizer tokens (+ T5 embeddings when the model cross-attends)
+    python -m nemo_ext.cli.prep train-tokenizer --out FILE [--recipe general --family ar] [--data SHARDS] [--steps N]
+        train the built-in FSQ tokenizer (model.tokenizer.path null) on the sample world or video
+        shards and save its weights (use them with model.tokenizer.builtin_weights=FILE)
 
 videos/instructions are resumable (re-run the same command) and write report.jsonl (one line per
 rejected video) and manifest.json into OUT. Exit codes: 0 ok, 1 no clip written, 2 usage error.
@@ -189,6 +194,71 @@ def _latents(args, extra) -> int:
     return 0
 
 
+def _discrete_tokenizer_cfg(cfg):
+    """``cfg.model.tokenizer`` when it is a discrete (AR family) tokenizer, else None."""
+    from nemo_ext.tokenizers.discrete import DiscreteTokenizerConfig
+
+    tok = getattr(cfg.model, "tokenizer", None)
+    return tok if isinstance(tok, DiscreteTokenizerConfig) else None
+
+
+def _tokens(args, extra) -> int:
+    import torch
+
+    from nemo_ext.config.compose import ConfigError, compose, to_typed
+    from nemo_ext.data.shards import ShardError
+    from nemo_ext.data.tokens import precompute_tokens
+
+    try:
+        cfg = to_typed(compose(args.recipe, args.family, list(args.overrides) + list(extra)))
+        if _discrete_tokenizer_cfg(cfg) is None:
+            return _fail(f"model={getattr(cfg.model, 'name', '?')} has no discrete tokenizer: token shards are for the "
+                         "AR family (--family ar); the diffusion family uses `prep latents`")
+        out = precompute_tokens(cfg, args.src, args.out, batch_size=args.batch_size,
+                                dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    except (ConfigError, ShardError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"token shards written to {out} (train with data.kind=tokens data.path={out})")
+    return 0
+
+
+def _train_tokenizer(args, extra) -> int:
+    from nemo_ext.config.compose import ConfigError, compose, to_typed
+    from nemo_ext.data.shards import ShardError
+    from nemo_ext.tokenizers.discrete import train_fsq_tokenizer
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = to_typed(compose(args.recipe, args.family, list(args.overrides) + list(extra)))
+        tok = _discrete_tokenizer_cfg(cfg)
+        if tok is None:
+            return _fail(f"model={getattr(cfg.model, 'name', '?')} has no discrete tokenizer: train-tokenizer trains the "
+                         "AR family's built-in FSQ tokenizer (--family ar)")
+        if tok.path:
+            return _fail(f"model.tokenizer.path={tok.path}: that is a Cosmos checkpoint; train-tokenizer trains the built-in "
+                         "tokenizer (model.tokenizer.path=null)")
+        src = args.data
+        if src is None:
+            from nemo_ext.training.data import data_source, ensure_sample_data
+
+            ensure_sample_data(cfg)
+            src = data_source(cfg)
+        d = cfg.data
+        result = train_fsq_tokenizer(tok, src, args.out, num_frames=d.num_frames, height=d.height, width=d.width,
+                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_src=args.val_data,
+                                     val_clips=args.val_clips, resize_mode=d.resize_mode, seed=args.seed,
+                                     progress=not args.no_progress)
+    except (ConfigError, ShardError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s on {result.train_videos} videos "
+          f"({d.num_frames} frames at {d.width}x{d.height}): loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
+    print(f"held-out PSNR ({result.val_clips} clips, encode -> decode): {result.psnr_before:.2f} dB -> "
+          f"{result.psnr_after:.2f} dB")
+    print(f"weights: {result.out} (use them with model.tokenizer.builtin_weights={result.out})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nemo_ext.cli.prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +294,40 @@ def main(argv=None) -> int:
     latents.add_argument("--batch-size", type=int, default=4)
     latents.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage precision of latents/embeddings")
     latents.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
+    tokens = sub.add_parser(
+        "tokens", help="video shards -> token shards (AR family: discrete tokenizer tokens + T5 embeddings)",
+        description="Tokenize every clip of video shards with the recipe's discrete tokenizer (model.tokenizer: a Cosmos "
+        "DV checkpoint directory, or the built-in FSQ tokenizer) into token shards (<key>.tokens.npy, uint16 for "
+        "vocabularies up to 65,536), with the captions' T5 embeddings when the model cross-attends to text. "
+        "On a GPU when one is visible.",
+    )
+    tokens.add_argument("--from", dest="src", required=True, help="video shard directory (from `prep videos` / `prep sample`)")
+    tokens.add_argument("--out", required=True, help="token shard directory")
+    tokens.add_argument("--recipe", default="general")
+    tokens.add_argument("--family", default="ar", choices=["diffusion", "ar"])
+    tokens.add_argument("--batch-size", type=int, default=4)
+    tokens.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage precision of T5 embeddings")
+    tokens.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
+    train_tok = sub.add_parser(
+        "train-tokenizer", help="train the AR family's built-in FSQ tokenizer on sample data or video shards",
+        description="Train the built-in FSQ video tokenizer of the recipe's model.tokenizer (path: null) with an L1 + MSE "
+        "reconstruction loss on the recipe's clips (data.num_frames/height/width) and save its weights; "
+        "report the PSNR on held-out clips before and after. A few hundred steps take minutes on a CPU.",
+    )
+    train_tok.add_argument("--out", required=True, help="weights file to write (.safetensors or .pt)")
+    train_tok.add_argument("--recipe", default="general")
+    train_tok.add_argument("--family", default="ar", choices=["diffusion", "ar"])
+    train_tok.add_argument("--data", default=None,
+                           help="video shards to train on (default: the recipe's data.path or sample world)")
+    train_tok.add_argument("--val-data", default=None,
+                           help="held-out video shards (default: the last --val-clips videos of --data)")
+    train_tok.add_argument("--val-clips", type=int, default=8, help="held-out clips for the PSNR")
+    train_tok.add_argument("--steps", type=int, default=300)
+    train_tok.add_argument("--batch-size", type=int, default=4)
+    train_tok.add_argument("--lr", type=float, default=2e-3)
+    train_tok.add_argument("--seed", type=int, default=0)
+    train_tok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train_tok.add_argument("overrides", nargs="*", help="Hydra overrides (model.tokenizer.levels=..., data.height=...)")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     # options after the Hydra overrides leave later overrides unparsed: they are overrides too
     if extra and (args.command == "sample" or any(e.startswith("-") for e in extra)):
@@ -232,6 +336,10 @@ def main(argv=None) -> int:
         return _sample(args)
     if args.command == "latents":
         return _latents(args, extra)
+    if args.command == "tokens":
+        return _tokens(args, extra)
+    if args.command == "train-tokenizer":
+        return _train_tokenizer(args, extra)
     args.overrides = list(args.overrides) + extra
     return _clips(args)
 

@@ -27,8 +27,8 @@ class RunPlan:
     num_microbatches: int
     device: str  # "cpu" | "cuda"
     dtype: torch.dtype
-    latent_shape: tuple  # (C, T, H, W) of one clip
-    num_tokens: int  # DiT tokens per sample
+    latent_shape: tuple  # diffusion: (C, T, H, W) latents of one clip; ar: the token grid (T, H, W)
+    num_tokens: int  # transformer sequence length per sample (DiT patches; AR: [<bov>] + grid tokens, padded)
     context_len: int
     extra_channels: int
     flops_per_sample: float
@@ -120,28 +120,11 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     dp = world_size // model_parallel
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
-    if m.num_attention_heads % par.tp:
-        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={par.tp}")
-    if m.ffn_hidden_size % par.tp:
-        raise ConfigError(f"the MLP width {m.ffn_hidden_size} (model.hidden_size x model.mlp_ratio) is not divisible by parallel.tp={par.tp}")
-    if m.num_layers % par.pp:
-        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={par.pp}")
     _choice(par.recompute, "parallel.recompute", [None, "full", "selective"])
     _choice(par.recompute_method, "parallel.recompute_method", ["uniform", "block"])
 
-    # ---- data and shapes ----
-    tok = m.tokenizer
-    if d.num_frames < 1 or (d.num_frames - 1) % tok.temporal_compression:
-        raise ConfigError(
-            f"data.num_frames={d.num_frames} must be 1 + {tok.temporal_compression}k "
-            f"(the tokenizer compresses time {tok.temporal_compression}x): e.g. 9, 17, 33, 121"
-        )
-    step_h, step_w = tok.spatial_compression * m.patch_size[1], tok.spatial_compression * m.patch_size[2]
-    if d.height % step_h or d.width % step_w:
-        raise ConfigError(f"data.height={d.height} / data.width={d.width} must be multiples of {step_h} / {step_w}")
-    _choice(d.kind, "data.kind", ["video", "latent"])
+    # ---- data ----
+    _choice(d.kind, "data.kind", list(DATA_KINDS[cfg.family]))
     _choice(d.backend, "data.backend", ["auto", "dali", "pyav"])
     if d.backend == "dali" and d.kind == "video":
         import importlib.util
@@ -163,6 +146,61 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
             f"{d.micro_batch_size} x data-parallel size {dp}"
         )
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
+    tok = m.tokenizer
+    if d.num_frames < 1 or (d.num_frames - 1) % tok.temporal_compression:
+        raise ConfigError(
+            f"data.num_frames={d.num_frames} must be 1 + {tok.temporal_compression}k "
+            f"(the tokenizer compresses time {tok.temporal_compression}x): e.g. 9, 17, 33, 121"
+        )
+
+    # ---- model shapes ----
+    extra_channels = task.extra_channels(cfg.task, m)
+    shapes = _ar_shapes(cfg) if cfg.family == "ar" else _diffusion_shapes(cfg, extra_channels)
+    latent_shape, num_tokens, context_len, flops = shapes
+
+    # ---- optimizer ----
+    _choice(opt.name, "optim.name", ["adam", "sgd"])
+    _choice(opt.decay, "optim.decay", ["constant", "cosine", "linear"])
+    if opt.lr <= 0:
+        raise ConfigError(f"optim.lr={opt.lr} must be > 0")
+
+    return RunPlan(
+        world_size=world_size,
+        tp=par.tp,
+        pp=par.pp,
+        cp=par.cp,
+        dp=dp,
+        num_microbatches=num_microbatches,
+        device=device,
+        dtype=dtype,
+        latent_shape=latent_shape,
+        num_tokens=num_tokens,
+        context_len=context_len,
+        extra_channels=extra_channels,
+        flops_per_sample=flops,
+        run_dir=run_dir_for(cfg),
+    )
+
+
+# data.kind per family: precomputed latents feed the DiT, precomputed token shards the AR model.
+DATA_KINDS = {"diffusion": ("video", "latent"), "ar": ("video", "tokens")}
+
+
+def _diffusion_shapes(cfg, extra_channels: int):
+    """(latent shape (C, T, H, W), DiT tokens, context length, FLOPs per sample) after the DiT's checks."""
+    m, d, par = cfg.model, cfg.data, cfg.parallel
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % par.tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={par.tp}")
+    if m.ffn_hidden_size % par.tp:
+        raise ConfigError(f"the MLP width {m.ffn_hidden_size} (model.hidden_size x model.mlp_ratio) is not divisible by parallel.tp={par.tp}")
+    if m.num_layers % par.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={par.pp}")
+    tok = m.tokenizer
+    step_h, step_w = tok.spatial_compression * m.patch_size[1], tok.spatial_compression * m.patch_size[2]
+    if d.height % step_h or d.width % step_w:
+        raise ConfigError(f"data.height={d.height} / data.width={d.width} must be multiples of {step_h} / {step_w}")
     t_lat = 1 + (d.num_frames - 1) // tok.temporal_compression
     latent_shape = (tok.latent_channels, t_lat, d.height // tok.spatial_compression, d.width // tok.spatial_compression)
     grid = [s // p for s, p in zip(latent_shape[1:], m.patch_size)]
@@ -185,30 +223,36 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
             f"{num_tokens} video tokens per sample cannot be split over parallel.cp={par.cp}"
             + (f" x parallel.tp={par.tp} (sequence parallel)" if par.sequence_parallel else "")
         )
-    if par.sequence_parallel:
-        if context_len % par.tp:
-            raise ConfigError(f"sequence parallelism: model.text_encoder.max_length={context_len} is not divisible by parallel.tp={par.tp}")
+    if par.sequence_parallel and context_len % par.tp:
+        raise ConfigError(f"sequence parallelism: model.text_encoder.max_length={context_len} is not divisible by parallel.tp={par.tp}")
+    flops = m.flops_per_sample(latent_shape[1:], context_len, extra_channels)
+    return latent_shape, num_tokens, context_len, flops
 
-    # ---- optimizer ----
-    _choice(opt.name, "optim.name", ["adam", "sgd"])
-    _choice(opt.decay, "optim.decay", ["constant", "cosine", "linear"])
-    if opt.lr <= 0:
-        raise ConfigError(f"optim.lr={opt.lr} must be > 0")
 
-    extra_channels = task.extra_channels(cfg.task, m)
-    return RunPlan(
-        world_size=world_size,
-        tp=par.tp,
-        pp=par.pp,
-        cp=par.cp,
-        dp=dp,
-        num_microbatches=num_microbatches,
-        device=device,
-        dtype=dtype,
-        latent_shape=latent_shape,
-        num_tokens=num_tokens,
-        context_len=context_len,
-        extra_channels=extra_channels,
-        flops_per_sample=m.flops_per_sample(latent_shape[1:], context_len, extra_channels),
-        run_dir=run_dir_for(cfg),
-    )
+def _ar_shapes(cfg):
+    """(token grid (T, H, W), sequence length, context length, FLOPs per sample) after the AR
+    model's checks (GQA groups vs TP, divisibility, grid vs the model's position range)."""
+    m, d, par = cfg.model, cfg.data, cfg.parallel
+    tok = m.tokenizer
+    if d.height % tok.spatial_compression or d.width % tok.spatial_compression:
+        raise ConfigError(
+            f"data.height={d.height} / data.width={d.width} must be multiples of {tok.spatial_compression} "
+            f"(model.tokenizer.spatial_compression)"
+        )
+    grid = tuple(m.token_grid(d.num_frames, d.height, d.width))
+    try:
+        m.check_grid(grid)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0 <= m.condition_frames < grid[0]:
+        raise ConfigError(
+            f"model.condition_frames={m.condition_frames} must be between 0 and the clip's {grid[0]} token "
+            f"frames - 1 (data.num_frames={d.num_frames}): the rest of the clip is predicted"
+        )
+    seq = m.seq_length(grid, par.tp if par.sequence_parallel else 1)
+    context_len = m.text_encoder.max_length if m.cross_attention else 0
+    try:
+        m.check_parallel(par.tp, par.pp, par.cp, par.sequence_parallel, context_len=context_len or None, seq_length=seq)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return grid, seq, context_len, m.flops_per_sample(seq, context_len)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from nemo_ext.models.ar.config import ARConfig
 from nemo_ext.models.dit.config import DiTConfig
 
 
@@ -185,7 +186,7 @@ class RecipeConfig:
 
 
 # Model presets extend their family's schema: ``defaults: [dit_schema, _self_]``.
-MODEL_SCHEMAS = {"diffusion": ("dit_schema", DiTConfig)}
+MODEL_SCHEMAS = {"diffusion": ("dit_schema", DiTConfig), "ar": ("ar_schema", ARConfig)}
 
 
 def register_schemas() -> None:

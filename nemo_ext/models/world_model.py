@@ -47,7 +47,12 @@ class WorldModel(MegatronModule):
         self.net.set_input_tensor(input_tensor)
 
     def forward(self, x, timestep, batch: dict, **net_kwargs):
-        return self.net(x, timestep, self.conditioner(batch), **net_kwargs)
+        """Diffusion: ``net(x_t, timestep, conditioning)``. Autoregressive nets (``timestep`` None)
+        take the token ids and the conditioning's cross-attention context (text, or a task's tokens)."""
+        cond = self.conditioner(batch)
+        if getattr(self.net, "conditioned_by", "bundle") == "context":
+            return self.net(x, context=cond.context, context_mask=cond.context_mask, **net_kwargs)
+        return self.net(x, timestep, cond, **net_kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)

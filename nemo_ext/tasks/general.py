@@ -30,7 +30,7 @@ GENERAL = register_task(
     TaskSpec(
         name="general",
         config_cls=GeneralTaskConfig,
-        families=("diffusion",),
+        families=("diffusion", "ar"),
         sample_exts=("json",),
         sample_variant="general",
         build_conditioner=lambda task_cfg, model_cfg: TextConditioner(),

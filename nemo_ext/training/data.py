@@ -141,6 +141,10 @@ def ensure_sample_data(cfg) -> None:
 def _dataset(cfg, task, plan, path, clip_sampling=None):
     d = cfg.data
     sidecars = dict(task.sidecars)
+    if d.kind == "tokens":  # the AR family's precomputed token shards
+        from nemo_ext.data.tokens import build_token_dataset
+
+        return build_token_dataset(cfg, path, sidecars)
     if d.kind == "latent":
         from nemo_ext.data.latents import LATENT_EXTS, LatentClipDataset
 

@@ -90,20 +90,6 @@ class DiffusionModule(WorldModelModule):
             batch["cond_noise"] = torch.stack(cond_noises)
         return batch
 
-    def _text_context(self, raw: dict, dropped: list, device):
-        """T5 context of the batch: precomputed embeddings or the frozen encoder's; a dropped
-        caption (classifier-free guidance training) becomes the empty prompt's embedding."""
-        if "context" in raw:
-            context, mask = raw["context"].to(device), raw["context_mask"].to(device)
-            if any(dropped):
-                empty, empty_mask = self.text_encoder.encode([""], device)
-                keep = torch.tensor(dropped, device=device).logical_not()
-                context = torch.where(keep[:, None, None], context, empty)
-                mask = torch.where(keep[:, None], mask, empty_mask)
-            return context, mask
-        captions = ["" if d else c for c, d in zip(raw["caption"], dropped)]
-        return self.text_encoder.encode(captions, device)
-
     def forward_step(self, data_iterator, model):
         mb = next(data_iterator)
         x0, sigma = mb["latents"], mb["sigma"]

@@ -40,7 +40,7 @@ class WeightEMA:
     def sharded_state_dict(self, model_sharded: dict, prefix: str = "model.") -> dict:
         """The EMA tensors with the sharding of ``model_sharded`` (the model's sharded state dict)
         under keys ``ema.<key>``."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
         shadow = self._ensure()
         out = {}
@@ -48,6 +48,8 @@ class WeightEMA:
             sh = model_sharded.get(prefix + name)
             if isinstance(sh, ShardedTensor):
                 out[prefix + name] = dataclasses.replace(sh, key="ema." + sh.key, data=tensor, dtype=tensor.dtype)
+            elif isinstance(sh, ShardedTensorFactory):  # e.g. a SwiGLU fc1 saved as its two halves
+                out[prefix + name] = dataclasses.replace(sh, key="ema." + sh.key, data=tensor)
         return out
 
     def load(self, loaded: dict, prefix: str = "model.") -> None:

@@ -149,6 +149,20 @@ class WorldModelModule(pl.LightningModule):
         """megatron's forward step: (output, loss_func) for the next microbatch."""
         raise NotImplementedError
 
+    def _text_context(self, raw: dict, dropped: list, device):
+        """T5 context of the batch: precomputed embeddings or the frozen encoder's; a dropped
+        caption (classifier-free guidance training) becomes the empty prompt's embedding."""
+        if "context" in raw:
+            context, mask = raw["context"].to(device), raw["context_mask"].to(device)
+            if any(dropped):
+                empty, empty_mask = self.text_encoder.encode([""], device)
+                keep = torch.tensor(dropped, device=device).logical_not()
+                context = torch.where(keep[:, None, None], context, empty)
+                mask = torch.where(keep[:, None], mask, empty_mask)
+            return context, mask
+        captions = ["" if d else c for c, d in zip(raw["caption"], dropped)]
+        return self.text_encoder.encode(captions, device)
+
     @property
     def compute_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")

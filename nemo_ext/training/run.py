@@ -83,6 +83,10 @@ def family_module(family: str):
         from nemo_ext.training.diffusion import DiffusionModule
 
         return DiffusionModule
+    if family == "ar":
+        from nemo_ext.training.ar import ARModule
+
+        return ARModule
     raise ValueError(f"family={family!r}: no training module for this family yet")
 
 

@@ -5,7 +5,8 @@ from the reference's step-1 checkpoint (resharding model *and* optimizer state f
 its layout) and must reproduce the reference's step-2 loss and grad norm, and its step-2 weights:
 the whole model after the update, which equal weights only if the gradients were equal. The
 TP2xPP2 run's own step-2 checkpoint is then resumed in one process and must reproduce step 3
-(resharding back). Runs are real multi-process worlds started with torchrun through the training
+(resharding back); the autoregressive family goes through the same checks (TP2xPP2 with sequence
+parallelism in CI). Runs are real multi-process worlds started with torchrun through the training
 CLI: gloo on CPU (CI) and NCCL on GPUs (marked multigpu). The same runs check the validation loss:
 the reference validates after steps 2 and 3, every layout after its last step (2), on the held-out
 sample world split over its data-parallel ranks, and must match.
@@ -40,13 +41,27 @@ SLOW_LAYOUTS = {
     "tp2_cp2_sp": (4, ["parallel=tp2_cp2_sp"]),
     "pp2_recompute_block": (2, ["parallel=pp2", "parallel.recompute=full", "parallel.recompute_method=block"]),
 }
-ALL = {**LAYOUTS, **SLOW_LAYOUTS}
+# The autoregressive family through the same trainer: one TP2xPP2 world with sequence parallelism
+# in CI (TP, SP, PP and their interaction in one spawn), DP with the distributed optimizer in test-full.
+AR_LAYOUTS = {
+    "ar_tp2_pp2_sp": (4, ["parallel=tp2_pp2", "parallel.sequence_parallel=true"]),
+}
+AR_SLOW_LAYOUTS = {
+    "ar_dp2_distopt": (2, ["parallel=dp_distopt"]),
+    "ar_pp2": (2, ["parallel=pp2"]),
+}
+SLOW_LAYOUTS = {**SLOW_LAYOUTS, **AR_SLOW_LAYOUTS}
+ALL = {**LAYOUTS, **AR_LAYOUTS, **SLOW_LAYOUTS}
 
 
-def _uses_distopt(overrides) -> bool:
+def _family(name: str) -> str:
+    return "ar" if name.startswith("ar_") else "diffusion"
+
+
+def _uses_distopt(overrides, family: str = "diffusion") -> bool:
     from nemo_ext.config.compose import compose
 
-    return bool(compose("general", "diffusion", overrides).parallel.distributed_optimizer)
+    return bool(compose("general", family, overrides).parallel.distributed_optimizer)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +72,13 @@ def references(tmp_path_factory, sample_world):
     runs = tmp_path_factory.mktemp("ref_runs")
     cache = {}
 
-    def get(distopt: bool, device: str):
-        key = (distopt, device)
+    def get(distopt: bool, device: str, family: str = "diffusion"):
+        key = (distopt, device, family)
         if key not in cache:
             extra = ["parallel.distributed_optimizer=true"] if distopt else []
             cache[key] = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3", *extra],
                                  runs_dir=runs, run_name=f"ref_{device}_{'distopt' if distopt else 'plain'}",
-                                 device=device)
+                                 device=device, family=family)
         return cache[key]
 
     return get
@@ -104,12 +119,13 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
 
         if torch.cuda.device_count() < nproc:
             pytest.skip(f"needs {nproc} GPUs")
-    reference = references(_uses_distopt(overrides), device)
+    family = _family(name)
+    reference = references(_uses_distopt(overrides, family), device, family)
     ref = reference.metrics()
     runs = tmp_path / "runs"
     _fork_at_step(reference, runs, 1, name)
     run = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=2", *overrides],
-                  nproc=nproc, runs_dir=runs, run_name=name, device=device)
+                  nproc=nproc, runs_dir=runs, run_name=name, device=device, family=family)
     rows = run.metrics()
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on GPU
     assert rows[2]["loss"] == pytest.approx(ref[2]["loss"], rel=tol), (name, rows[2], ref[2])
@@ -119,9 +135,9 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
     if device == "cpu":
         _assert_same_weights(reference.run_dir / "checkpoints" / "step_2", run.run_dir / "checkpoints" / "step_2", name)
 
-    if name == "tp2_pp2":  # reshard back: its step-2 checkpoint in one process reproduces step 3
+    if name in ("tp2_pp2", "ar_tp2_pp2_sp"):  # reshard back: its step-2 checkpoint in one process reproduces step 3
         back = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3"], runs_dir=runs,
-                       run_name=name, device=device)
+                       run_name=name, device=device, family=family)
         rows = back.metrics()
         assert rows[3]["loss"] == pytest.approx(ref[3]["loss"], rel=tol)
         assert rows[3]["grad_norm"] == pytest.approx(ref[3]["grad_norm"], rel=10 * tol)

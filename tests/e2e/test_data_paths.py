@@ -40,6 +40,20 @@ def test_latent_shards_train_like_the_videos_they_came_from(train_cli, sample_wo
         assert latent[step]["loss"] == __import__("pytest").approx(video[step]["loss"], rel=1e-4), step
 
 
+def test_token_shards_train_like_the_videos_they_came_from(train_cli, sample_world, tmp_path):
+    """The AR family: tokens precomputed by `prep tokens` give the losses of tokenizing on the fly."""
+    from nemo_ext.data.tokens import precompute_tokens
+
+    same = ["data.backend=pyav", "data.clip_sampling=start", "data.sample_num_videos=16", f"data.sample_dir={sample_world}"]
+    cfg = to_typed(compose("general", "ar", [*same, "trainer.device=cpu"]))
+    precompute_tokens(cfg, sample_world, tmp_path / "tokens", batch_size=3, device="cpu")
+    video = train_cli([*TINY, *same, "trainer.max_steps=3"], run_name="video", family="ar").metrics()
+    tokens = train_cli([*TINY, *same, "trainer.max_steps=3", "data.kind=tokens", f"data.path={tmp_path / 'tokens'}"],
+                       run_name="tokens", family="ar").metrics()
+    for step in (1, 2, 3):
+        assert tokens[step]["loss"] == __import__("pytest").approx(video[step]["loss"], rel=1e-5), step
+
+
 def test_dali_loader_trains_and_resumes_from_its_reader_positions(train_cli, sample_world, tmp_path):
     """data.backend=dali (DALI's CPU VP9 decoder here, NVDEC on GPU) over a two-source mixture:
     a run resumed from step 3 restores both readers' positions from the checkpoint and takes

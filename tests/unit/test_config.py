@@ -33,11 +33,48 @@ def test_every_recipe_composes_typed_and_plans(recipe, family):
     assert str(plan.run_dir) == f"runs/{recipe}/{family}_{cfg.model.name}/default"
 
 
+def _preset_family(model: str) -> str:
+    """The family a model preset belongs to (its ``defaults`` name the family schema)."""
+    import yaml
+
+    node = yaml.safe_load((recipes_dir() / "_base" / "model" / f"{model}.yaml").read_text())
+    for parent in node.get("defaults", []):
+        if parent in ("ar_schema", "dit_schema"):
+            return "ar" if parent == "ar_schema" else "diffusion"
+        if parent != "_self_":
+            return _preset_family(parent)
+    raise AssertionError(f"model preset {model} extends no family schema")
+
+
 @pytest.mark.parametrize("model", _presets("model"))
 def test_every_model_preset_composes(model):
-    cfg = to_typed(compose("general", "diffusion", [f"model={model}"]))
-    assert cfg.model.name == model
+    family = _preset_family(model)
+    cfg = to_typed(compose("general", family, [f"model={model}"]))
+    assert cfg.model.name == model and cfg.model.family == family
     assert cfg.optim.lr == cfg.model.post_training_lr  # derived from the preset, in one place
+    other = "diffusion" if family == "ar" else "ar"
+    with pytest.raises(ConfigError, match="family"):  # a preset of the other family is refused, by name
+        compose("general", other, [f"model={model}"])
+
+
+@pytest.mark.parametrize("model, layout, world", [("ar_4b", "tp2_sp", 2), ("ar_4b", "tp8_sp", 8), ("ar_13b", "tp4_sp", 4)])
+def test_ar_presets_plan_at_their_layouts(model, layout, world):
+    """The released AR shapes: 33 frames at 640x1024 -> 5x40x64 = 12,800 tokens (+<bov> for Video2World)."""
+    cfg = to_typed(compose("general", "ar", [f"model={model}", f"parallel={layout}", "data.num_frames=33",
+                                             "data.height=640", "data.width=1024", "data.path=/x",
+                                             "data.micro_batch_size=1", "data.global_batch_size=1",
+                                             "model.text_encoder.max_length=512"]))
+    plan = make_plan(cfg, world_size=world, cuda_available=True)
+    assert plan.latent_shape == (5, 40, 64)
+    # + <bov> for Video2World, padded to a multiple of the TP size under sequence parallelism
+    assert plan.num_tokens == (12804 if cfg.model.bov_token else 12800)
+    assert plan.flops_per_sample > 0
+
+
+def test_gqa_with_more_tp_ranks_than_kv_groups_is_rejected():
+    cfg = to_typed(compose("general", "ar", ["model=ar_tiny", "parallel=tp4_sp", "data.global_batch_size=4"]))
+    with pytest.raises(ConfigError, match=r"parallel\.tp=4.*num_query_groups=2"):
+        make_plan(cfg, world_size=4, cuda_available=True)
 
 
 @pytest.mark.parametrize("layout", _presets("parallel"))

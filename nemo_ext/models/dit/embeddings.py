@@ -101,33 +101,40 @@ class RoPE3D(nn.Module):
     """Cosmos 3D rotary embedding: head dim split into t/h/w bands with per-axis NTK scaling.
 
     Returns megatron-layout frequencies ``[S, 1, 1, head_dim]`` (``cat([t, h, w] * 2)``, i.e. the
-    rotate-half convention that megatron's ``apply_rotary_pos_emb`` uses).
+    rotate-half convention that megatron's ``apply_rotary_pos_emb`` uses). ``theta`` is the base
+    (10000 for the DiT, 5e5 for the AR models); subclasses may rescale an axis' frequencies by
+    overriding :meth:`axis_freqs` (the AR 12B/13B models' YaRN).
     """
 
-    def __init__(self, head_dim: int, rope_scale: Sequence[float], base_fps: int = 24):
+    def __init__(self, head_dim: int, rope_scale: Sequence[float], base_fps: int = 24, theta: float = 10000.0):
         super().__init__()
         self.base_fps = base_fps
         self.dim_h = head_dim // 6 * 2
         self.dim_w = head_dim // 6 * 2
         self.dim_t = head_dim - self.dim_h - self.dim_w
         st, sh, sw = rope_scale
-        self.theta_t = 10000.0 * st ** (self.dim_t / (self.dim_t - 2))
-        self.theta_h = 10000.0 * sh ** (self.dim_h / (self.dim_h - 2))
-        self.theta_w = 10000.0 * sw ** (self.dim_w / (self.dim_w - 2))
+        self.theta_t = theta * st ** (self.dim_t / (self.dim_t - 2))
+        self.theta_h = theta * sh ** (self.dim_h / (self.dim_h - 2))
+        self.theta_w = theta * sw ** (self.dim_w / (self.dim_w - 2))
 
     @staticmethod
     def _freqs(dim: int, theta: float, device) -> torch.Tensor:
         rng = torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim
         return 1.0 / (theta**rng)
 
+    def axis_freqs(self, axis: str, device) -> torch.Tensor:
+        """Inverse frequencies of one axis ("t", "h" or "w")."""
+        dim, theta = {"t": (self.dim_t, self.theta_t), "h": (self.dim_h, self.theta_h), "w": (self.dim_w, self.theta_w)}[axis]
+        return self._freqs(dim, theta, device)
+
     def forward(self, grid: Sequence[int], fps: Optional[float] = None, device=None) -> torch.Tensor:
         t, h, w = grid
         pos_t = torch.arange(t, device=device, dtype=torch.float32)
         if fps is not None:
             pos_t = pos_t / float(fps) * self.base_fps
-        emb_t = torch.outer(pos_t, self._freqs(self.dim_t, self.theta_t, device))
-        emb_h = torch.outer(torch.arange(h, device=device, dtype=torch.float32), self._freqs(self.dim_h, self.theta_h, device))
-        emb_w = torch.outer(torch.arange(w, device=device, dtype=torch.float32), self._freqs(self.dim_w, self.theta_w, device))
+        emb_t = torch.outer(pos_t, self.axis_freqs("t", device))
+        emb_h = torch.outer(torch.arange(h, device=device, dtype=torch.float32), self.axis_freqs("h", device))
+        emb_w = torch.outer(torch.arange(w, device=device, dtype=torch.float32), self.axis_freqs("w", device))
         emb_t = emb_t[:, None, None, :].expand(t, h, w, -1)
         emb_h = emb_h[None, :, None, :].expand(t, h, w, -1)
         emb_w = emb_w[None, None, :, :].expand(t, h, w, -1)

@@ -1,0 +1,1 @@
+"""Evaluation of trained runs: generation from checkpoints (``generation``), for both model families."""
