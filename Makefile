@@ -156,11 +156,12 @@ sample-data: ## Generate the procedural sample world of a recipe into data/sampl
 	$(need_venv)
 	$(PY) -m nemo_ext.cli.prep sample --recipe $(recipe) $(ARGS)
 
-# Data prep source (a module of data_prep/): videos (folder + captions) or instructions (+ JSON).
+# Data prep source (a module of data_prep/): videos (folder + captions), instructions (+ JSON), or the robot
+# formats of action_control: bridge (IRASim layout), lerobot (v2 episodes), episodes (mp4 + .npy actions).
 # OUT is taken from the command line only: the GPU machines export an OUT of their own, and
 # writing shards there by accident would be bad; `$(origin OUT)` tells the two apart.
 PREP_SOURCE = $(if $(SOURCE),$(SOURCE),videos)
-DATA_USAGE = usage: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [SOURCE=videos|instructions] [ARGS="..."]
+DATA_USAGE = usage: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [SOURCE=videos|instructions|bridge|lerobot|episodes] [ARGS="..."]
 DATA_OUT_FROM_ENV = OUT=$(OUT) comes from the environment (origin: $(origin OUT)) and is refused: \
   give the output dir on the make command line: make recipe=$(recipe) data RAW=<raw dir> OUT=<out dir>
 

@@ -21,6 +21,20 @@ a reason to reject it up front); :func:`prepare` does the rest:
 
 Output per clip: ``<key>.mp4``, ``<key>.json`` (caption, fps, num_frames, height, width, source,
 clip_index, start_frame, source_fps, ... plus the source's extra fields) and ``<key>.nframes.npy``.
+
+* **Numeric sidecars** (optional, e.g. robot actions and states): a source attaches
+  :class:`Sidecar` records to a video; each is an array with one row per source frame
+  (``"frames"``, T rows), one per frame-to-frame transition (``"transitions"``, T - 1 rows: an
+  episode of T frames has T - 1 actions) or not per time step (``"static"``). After the decode,
+  an array whose row count does not fit the decoded frame count (or holds NaN/inf) rejects the
+  video with a report line naming both counts. Each clip then stores its own rows as
+  ``<key>.<ext>`` (a clip of n frames gets n rows of a ``frames`` sidecar and n - 1 of a
+  ``transitions`` one, the transition rows between its frames), which is what the loaders
+  (``nemo_ext.data.dataset``/``dali``) cut again for a training clip. Clips that are resampled in
+  time (``fps`` that skips or repeats source frames) cannot carry transition rows and are rejected.
+  Per-dimension statistics (count, mean, population std, min, max) of the rows written for every
+  ``frames``/``transitions`` sidecar are kept per work unit and merged into the manifest's
+  ``extra["sidecars"][<ext>]`` (normalisation statistics for the trainer).
 """
 
 from __future__ import annotations
@@ -58,6 +72,9 @@ __all__ = [
     "ClipSpec",
     "ShardLayout",
     "SourceVideo",
+    "Sidecar",
+    "SidecarError",
+    "SIDECAR_KINDS",
     "EncodedClip",
     "ExtractedVideo",
     "PrepResult",
@@ -68,6 +85,7 @@ __all__ = [
     "clip_starts",
     "plan_clips",
     "extract_clips",
+    "load_sidecars",
     "clip_samples",
     "prepare",
 ]
@@ -89,6 +107,14 @@ _SHARD_FILE = re.compile(r"^shard-(\d{6})-\d{6}\.(tar|idx)(\.partial)?$")
 
 class PrepError(ValueError):
     """Data prep cannot run as asked (bad parameters, an output dir made with other settings)."""
+
+
+class SidecarError(ValueError):
+    """A video's numeric sidecar does not fit its video; the message is the report reason."""
+
+
+# How a numeric sidecar lines up with the video (the same kinds as nemo_ext.data.dataset).
+SIDECAR_KINDS: tuple[str, ...] = ("frames", "transitions", "static")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,13 +173,41 @@ class ShardLayout:
 
 
 @dataclass(frozen=True)
+class Sidecar:
+    """A numeric array that belongs to one video and is stored, cut to each clip, as ``<key>.<ext>``.
+
+    ``kind``: ``"frames"`` (a row per source frame), ``"transitions"`` (a row per frame-to-frame
+    step, T - 1 rows) or ``"static"`` (stored whole with every clip). ``load`` returns the array;
+    it runs in the worker that decodes the video, so it must be picklable (a module-level function
+    or a ``functools.partial`` of one) and cheap. ``digest`` identifies the content (part of the
+    unit fingerprint: changed rows make the unit be redone). ``what`` names the array in report
+    lines, e.g. ``"episode train/3: actions ('action' of annotation/train/3.json)"``.
+    """
+
+    ext: str
+    kind: str
+    load: Callable[[], np.ndarray]
+    digest: str
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIDECAR_KINDS:
+            raise PrepError(f"sidecar {self.ext!r}: kind {self.kind!r} is not one of {SIDECAR_KINDS}")
+        if not self.ext.endswith(".npy") or self.ext.startswith(".") or "/" in self.ext:
+            raise PrepError(f"sidecar extension must look like '<name>.npy', got {self.ext!r}")
+        if self.ext in ("nframes.npy",):
+            raise PrepError(f"sidecar extension {self.ext!r} is reserved")
+
+
+@dataclass(frozen=True)
 class SourceVideo:
     """One input video as a source format lists it.
 
     ``meta`` is merged into every clip's json (e.g. ``{"instructions": [...]}``); ``reject`` is
     set when the source already knows the video cannot be used (no caption, invalid instruction
     JSON): it then becomes a report line without being decoded. ``size`` (bytes) is part of the
-    unit fingerprint, so a replaced file makes its unit be redone.
+    unit fingerprint, so a replaced file makes its unit be redone. ``sidecars`` are numeric
+    arrays stored with every clip (see :class:`Sidecar`).
     """
 
     rel: str
@@ -162,6 +216,7 @@ class SourceVideo:
     caption: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     reject: str | None = None
+    sidecars: tuple[Sidecar, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,7 +278,7 @@ def find_videos(raw: str | os.PathLike, exclude: str | os.PathLike | None = None
 
 
 def source_video(raw: Path, rel: str, caption: str | None, meta: Mapping[str, Any] | None = None,
-                 reject: str | None = None) -> SourceVideo:
+                 reject: str | None = None, sidecars: Sequence[Sidecar] = ()) -> SourceVideo:
     """A :class:`SourceVideo` for ``raw/rel``, with its size taken now (for the unit fingerprint)."""
     path = raw / rel
     try:
@@ -231,7 +286,7 @@ def source_video(raw: Path, rel: str, caption: str | None, meta: Mapping[str, An
     except OSError as e:
         size, reject = -1, reject or f"cannot stat the file: {e}"
     return SourceVideo(rel=rel, path=str(path.resolve()), size=size, caption=caption,
-                       meta=dict(meta or {}), reject=reject)
+                       meta=dict(meta or {}), reject=reject, sidecars=tuple(sidecars))
 
 
 def clip_key(rel: str, clip_index: int) -> str:
@@ -436,8 +491,58 @@ def extract_clips(data: bytes, spec: ClipSpec) -> ExtractedVideo:
                           width=size[0], height=size[1], codec=codec, fps=fps, clips=clips)
 
 
-def clip_samples(video: SourceVideo, extracted: ExtractedVideo, spec: ClipSpec) -> list[dict[str, Any]]:
-    """ShardWriter samples (``mp4``, ``json``, ``nframes.npy``) for the clips of one video."""
+def load_sidecars(video: SourceVideo, num_frames: int) -> dict[str, np.ndarray]:
+    """The video's sidecar arrays, checked against its decoded frame count ``num_frames``.
+
+    Raises :class:`SidecarError` (the report reason) for an array that cannot be loaded, is not
+    numeric, holds NaN/inf, or whose row count does not fit: ``frames`` needs ``num_frames``
+    rows, ``transitions`` needs ``num_frames - 1`` (one per transition).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for sc in video.sidecars:
+        what = sc.what or sc.ext
+        try:
+            arr = np.asarray(sc.load())
+        except Exception as e:  # a file that changed or vanished since it was listed
+            raise SidecarError(f"{what}: cannot be loaded: {type(e).__name__}: {e}") from e
+        if arr.dtype.kind not in "biuf":
+            raise SidecarError(f"{what}: dtype {arr.dtype} is not numeric")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise SidecarError(f"{what}: holds NaN/inf (first at index {tuple(int(i) for i in bad)})")
+        if sc.kind != "static":
+            rows = num_frames if sc.kind == "frames" else num_frames - 1
+            have = arr.shape[0] if arr.ndim else 0
+            if arr.ndim == 0 or have != rows:
+                unit = "one per frame" if sc.kind == "frames" else "one per transition: frames - 1"
+                raise SidecarError(f"count mismatch: {what}: {have} rows for a video of {num_frames} "
+                                   f"frames; expected {rows} ({unit})")
+        arrays[sc.ext] = arr
+    return arrays
+
+
+def _cut(arr: np.ndarray, kind: str, frames: tuple[int, ...], what: str) -> np.ndarray:
+    """A sidecar's rows for one clip made of the source frames ``frames``."""
+    if kind == "static":
+        return arr
+    if kind == "frames":
+        return arr[list(frames)]
+    if any(b != a + 1 for a, b in zip(frames, frames[1:])):
+        raise SidecarError(f"{what}: holds one row per transition, but the clip is resampled in time (source "
+                           f"frames {frames[0]}..{frames[-1]} for {len(frames)} clip frames), so its transitions "
+                           "are not rows of the source; keep the source frame rate (fps=None / --fps source)")
+    return arr[frames[0]:frames[-1]]
+
+
+def clip_samples(video: SourceVideo, extracted: ExtractedVideo, spec: ClipSpec,
+                 sidecars: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """ShardWriter samples (``mp4``, ``json``, ``nframes.npy``, plus the video's sidecars cut to
+    each clip) for the clips of one video. ``sidecars`` are the arrays :func:`load_sidecars` gave."""
+    arrays = dict(sidecars or {})
+    kinds = {sc.ext: (sc.kind, sc.what or sc.ext) for sc in video.sidecars}
+    missing = sorted(set(kinds) - set(arrays))
+    if missing:
+        raise ValueError(f"{video.rel}: sidecars {missing} were not loaded (call load_sidecars first)")
     samples = []
     for clip in extracted.clips:
         meta = {
@@ -457,8 +562,11 @@ def clip_samples(video: SourceVideo, extracted: ExtractedVideo, spec: ClipSpec) 
             "source_height": extracted.height,
             "source_width": extracted.width,
         }
-        samples.append({"__key__": clip_key(video.rel, clip.clip_index), "mp4": clip.mp4, "json": meta,
-                        "nframes.npy": np.array([spec.clip_frames], dtype=np.int32)})
+        sample = {"__key__": clip_key(video.rel, clip.clip_index), "mp4": clip.mp4, "json": meta,
+                  "nframes.npy": np.array([spec.clip_frames], dtype=np.int32)}
+        for ext, (kind, what) in kinds.items():
+            sample[ext] = np.ascontiguousarray(_cut(arrays[ext], kind, clip.source_frames, what))
+        samples.append(sample)
     return samples
 
 
@@ -489,7 +597,9 @@ def _done_path(out_dir: Path, unit: int) -> Path:
 def _fingerprint(videos: Sequence[SourceVideo]) -> str:
     """Hash of what a unit's output depends on besides the parameters: its inputs' paths, sizes,
     captions and extra fields. A unit whose inputs changed is redone, not reused."""
-    items = [[v.rel, v.size, v.caption, v.meta, v.reject] for v in videos]
+    items = [[v.rel, v.size, v.caption, v.meta, v.reject]
+             # sidecars only when there are some: fingerprints of sidecar-free sources stay as they were
+             + ([[[sc.ext, sc.kind, sc.digest] for sc in v.sidecars]] if v.sidecars else []) for v in videos]
     return hashlib.sha256(json.dumps(items, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -518,12 +628,62 @@ def _process_video(video: SourceVideo, spec: ClipSpec) -> tuple[list[dict[str, A
     except OSError as e:
         return [], f"cannot read the file: {e}"
     try:
-        return clip_samples(video, extract_clips(data, spec), spec), None
-    except VideoDecodeError as e:
+        extracted = extract_clips(data, spec)
+        arrays = load_sidecars(video, extracted.source_num_frames)
+        return clip_samples(video, extracted, spec, arrays), None
+    except (VideoDecodeError, SidecarError) as e:
         return [], str(e)
     except Exception as e:  # anything else a strange file triggers is still a rejection, reported
         logger.warning("%s: unexpected error, rejected", video.rel, exc_info=True)
         return [], f"unexpected error: {type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sidecar statistics (per-dimension, mergeable: count, mean, M2, min, max; Chan et al.)
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_stats(rows: np.ndarray) -> dict[str, Any]:
+    flat = rows.reshape(rows.shape[0], -1).astype(np.float64)
+    mean = flat.mean(axis=0)
+    return {"shape": list(rows.shape[1:]), "count": int(flat.shape[0]), "mean": mean,
+            "m2": ((flat - mean) ** 2).sum(axis=0), "min": flat.min(axis=0), "max": flat.max(axis=0)}
+
+
+def _merge_stats(a: dict[str, Any] | None, b: dict[str, Any], ext: str) -> dict[str, Any]:
+    """Combine two partial statistics (arrays or JSON lists) of the same sidecar."""
+    if a is None or not a.get("count"):
+        return {k: (np.asarray(v, dtype=np.float64) if k in ("mean", "m2", "min", "max") else v)
+                for k, v in b.items()}
+    if not b.get("count"):
+        return a
+    if list(a["shape"]) != list(b["shape"]):
+        raise PrepError(f"sidecar {ext!r} has rows of shape {list(a['shape'])} and {list(b['shape'])} in the same "
+                        "dataset; every video's rows must have one shape")
+    na, nb = a["count"], b["count"]
+    n = na + nb
+    ma, mb = np.asarray(a["mean"], dtype=np.float64), np.asarray(b["mean"], dtype=np.float64)
+    delta = mb - ma
+    return {"shape": list(a["shape"]), "count": n, "mean": ma + delta * (nb / n),
+            "m2": np.asarray(a["m2"], dtype=np.float64) + np.asarray(b["m2"], dtype=np.float64)
+            + delta ** 2 * (na * nb / n),
+            "min": np.minimum(a["min"], np.asarray(b["min"], dtype=np.float64)),
+            "max": np.maximum(a["max"], np.asarray(b["max"], dtype=np.float64))}
+
+
+def _stats_json(kind: str, st: dict[str, Any] | None, final: bool) -> dict[str, Any]:
+    """A sidecar's entry in a done record (``final=False``: mergeable, with M2) or in the manifest
+    (``final=True``: count, mean, population std, min, max per dimension, flattened row order)."""
+    out: dict[str, Any] = {"kind": kind}
+    if st is None or not st.get("count"):
+        return {**out, "count": 0} if kind != "static" else out
+    out.update(shape=list(st["shape"]), count=int(st["count"]), mean=[float(x) for x in st["mean"]],
+               min=[float(x) for x in st["min"]], max=[float(x) for x in st["max"]])
+    if final:
+        out["std"] = [float(x) for x in np.sqrt(np.maximum(np.asarray(st["m2"]) / st["count"], 0.0))]
+    else:
+        out["m2"] = [float(x) for x in st["m2"]]
+    return out
 
 
 _progress_queue: Any = None  # set in pool workers: one item per finished video
@@ -543,6 +703,8 @@ def _run_unit(task: _UnitTask, on_video: Callable[[], None] | None = None) -> di
     _remove_unit_files(out_dir, task.unit)
     rejects: list[dict[str, str]] = []
     num_clips = 0
+    kinds: dict[str, str] = {}  # sidecar ext -> kind, over every listed video
+    stats: dict[str, dict[str, Any]] = {}  # sidecar ext -> statistics of the rows written
     with ShardWriter(out_dir, prefix=_unit_prefix(task.unit), max_count=task.layout.max_clips_per_shard,
                      max_bytes=task.layout.max_shard_bytes) as writer:
         for video in task.videos:
@@ -550,8 +712,15 @@ def _run_unit(task: _UnitTask, on_video: Callable[[], None] | None = None) -> di
             if reason is not None:
                 logger.debug("rejected %s: %s", video.rel, reason)
                 rejects.append({"video": video.rel, "reason": reason})
+            for sc in video.sidecars:
+                if kinds.setdefault(sc.ext, sc.kind) != sc.kind:
+                    raise PrepError(f"sidecar {sc.ext!r} is listed as {kinds[sc.ext]!r} and as {sc.kind!r}")
             for sample in samples:
                 writer.write(sample)
+                for sc in video.sidecars:
+                    rows = sample[sc.ext]
+                    if sc.kind != "static" and rows.shape[0]:
+                        stats[sc.ext] = _merge_stats(stats.get(sc.ext), _rows_stats(rows), sc.ext)
             num_clips += len(samples)
             if on_video is not None:
                 on_video()
@@ -568,6 +737,8 @@ def _run_unit(task: _UnitTask, on_video: Callable[[], None] | None = None) -> di
         "shards": [{"path": info.path.name, "num_samples": info.num_samples,
                     "num_bytes": info.num_bytes, "sha256": info.sha256} for info in writer.shards],
     }
+    if kinds:  # only for sources with sidecars: the records of the others stay as they were
+        record["sidecars"] = {ext: _stats_json(kind, stats.get(ext), final=False) for ext, kind in sorted(kinds.items())}
     _write_json_atomic(_done_path(out_dir, task.unit), record)
     return record
 
@@ -739,6 +910,20 @@ def prepare(source: str, videos: Sequence[SourceVideo], out_dir: str | os.PathLi
                   dict(info or {}), units_skipped=len(units) - len(todo))
 
 
+def _merge_sidecar_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``extra["sidecars"]``: per sidecar ext, its kind and the statistics of every row written."""
+    kinds: dict[str, str] = {}
+    merged: dict[str, dict[str, Any] | None] = {}
+    for rec in records:
+        for ext, entry in (rec.get("sidecars") or {}).items():
+            if kinds.setdefault(ext, entry["kind"]) != entry["kind"]:
+                raise PrepError(f"sidecar {ext!r} is {kinds[ext]!r} in one work unit and {entry['kind']!r} in another")
+            merged.setdefault(ext, None)
+            if entry.get("count"):
+                merged[ext] = _merge_stats(merged[ext], entry, ext)
+    return {ext: _stats_json(kinds[ext], merged[ext], final=True) for ext in sorted(kinds)}
+
+
 def _merge(out_dir: Path, source: str, params: dict[str, Any], records: list[dict[str, Any]],
            source_issues: list[Mapping[str, str]], info: dict[str, Any], units_skipped: int) -> PrepResult:
     """Merge the done records into report.jsonl and manifest.json (rewritten only if changed, so
@@ -758,6 +943,9 @@ def _merge(out_dir: Path, source: str, params: dict[str, Any], records: list[dic
         "num_units": len(records), "num_videos": num_videos, "num_videos_ok": num_videos - len(rejects),
         "num_rejected": len(rejects), "num_source_issues": len(source_issues), "num_clips": num_clips,
     }
+    sidecars = _merge_sidecar_stats(records)
+    if sidecars:
+        extra["sidecars"] = sidecars
     shard_rows = [{"path": s["path"], "num_samples": s["num_samples"], "num_bytes": s["num_bytes"],
                    "sha256": s["sha256"]} for rec in records for s in rec["shards"]]
     if not _manifest_is_current(out_dir, shard_rows, extra):

@@ -19,7 +19,13 @@
         train the built-in FSQ tokenizer (model.tokenizer.path null) on the sample world or video
         shards and save its weights (use them with model.tokenizer.builtin_weights=FILE)
 
-videos/instructions are resumable (re-run the same command) and write report.jsonl (one line per
+    python -m nemo_ext.cli.prep bridge|lerobot|episodes --raw DIR --out DIR [options]
+        robot episodes (IRASim/Bridge annotation JSON + videos; LeRobot v2.x; a folder of
+        <name>.mp4 + <name>.npy actions) -> clip shards with actions.npy (T-1 rows for T frames)
+        and states.npy sidecars, plus action_stats.json (normalisation statistics); all clips of
+        each episode by default, at the source frame rate (see data_prep/action_control.py)
+
+videos/instructions/bridge/lerobot/episodes are resumable (re-run the same command) and write report.jsonl (one line per
 rejected video) and manifest.json into OUT. Exit codes: 0 ok, 1 no clip written, 2 usage error.
 """
 
@@ -177,6 +183,74 @@ def _clips(args) -> int:
     return 0
 
 
+def _actions(args) -> int:
+    """The robot-episode sources (``bridge``, ``lerobot``, ``episodes``): recipe defaults for the
+    clip size, checks, prepare with action sidecars, summary."""
+    from data_prep.action_control import ACTION_STATS_NAME, prepare_actions
+    from data_prep.clips import ClipSpec, PrepError, ShardLayout
+
+    raw, out = Path(args.raw), Path(args.out)
+    if not raw.is_dir():
+        return _fail(f"--raw {raw} is not a directory")
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a directory")
+    if out.resolve() == raw.resolve():
+        return _fail(f"--out {out} is the input folder --raw; write the shards to another folder")
+    if getattr(args, "fps", None) is not None:
+        return _fail(f"--fps {args.fps:g}: {args.command} keeps each episode's own frame rate (an action is one recorded "
+                     "transition; a clip resampled in time would need invented actions)")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from nemo_ext.config.compose import ConfigError, compose, to_typed
+
+    try:
+        cfg = to_typed(compose(args.recipe, args.family, args.overrides))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    data = cfg.data
+    options: dict = {}
+    if args.command == "bridge":
+        options = {"split": None if args.split == "all" else args.split, "camera": int(args.camera or 0),
+                   "actions": args.bridge_actions}
+    elif args.command == "lerobot":
+        options = {"camera": args.camera, "action_key": args.action_key,
+                   "state_key": None if args.state_key in ("", "none") else args.state_key}
+    elif args.camera is not None:
+        return _fail("--camera is for the bridge and lerobot sources")
+    try:
+        spec = ClipSpec(
+            clip_frames=args.clip_frames if args.clip_frames is not None else int(data.num_frames),
+            height=args.height if args.height is not None else int(data.height),
+            width=args.width if args.width is not None else int(data.width),
+            fps=None, resize_mode=args.resize_mode or str(data.resize_mode),
+            clips_per_video=args.clips_per_video, codec=args.codec)
+        layout = ShardLayout(videos_per_unit=args.videos_per_unit, max_shard_bytes=args.max_shard_bytes,
+                             max_clips_per_shard=args.max_clips_per_shard)
+        if args.workers < 1:
+            raise PrepError(f"--workers must be >= 1, got {args.workers}")
+        info = {"recipe": args.recipe, "family": args.family, "overrides": list(args.overrides)}
+        result = prepare_actions(args.command, raw, out, spec, layout, workers=args.workers,
+                                 progress=not args.no_progress, info=info, **options)
+    except PrepError as exc:
+        return _fail(str(exc))
+    from data_prep.action_control import read_action_stats
+
+    stats = read_action_stats(out)
+    print(f"clips written: {result.num_clips} (from {result.num_videos_ok} of {result.num_videos} episodes; "
+          f"{spec.clip_frames} frames at {spec.width}x{spec.height}, {spec.codec})")
+    print(f"episodes rejected: {result.num_rejected} (one line each in {result.report})")
+    print(f"actions: {stats['action_dim']}-d, {stats['count']} transitions"
+          + (f"; states: {stats['state_dim']}-d" if stats.get("state_dim") else "; no states")
+          + f" (statistics in {out / ACTION_STATS_NAME})")
+    print(f"shards: {result.num_shards}" + (f" ({result.units_skipped} of {result.num_units} work units were "
+                                            "already done)" if result.units_skipped else ""))
+    print(f"output: {result.out_dir}")
+    if result.num_clips == 0:
+        print(f"error: no clip was written; see {result.report} for why each episode was rejected", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _latents(args, extra) -> int:
     import torch
 
@@ -281,6 +355,36 @@ def main(argv=None) -> int:
     for name, help_text in (("videos", "a folder of videos + captions -> clip shards"),
                             ("instructions", "videos + per-video instruction JSON -> clip shards")):
         _add_clip_source(sub.add_parser(name, help=help_text, description=help_text), captions=name == "videos")
+    for name, help_text in (
+        ("bridge", "IRASim/Bridge robot episodes (annotation/<split>/<id>.json + videos) -> clip shards with actions"),
+        ("lerobot", "LeRobot v2.0/v2.1 episodes (meta/info.json, parquet, per-camera mp4) -> clip shards with actions"),
+        ("episodes", "a folder of <name>.mp4 + <name>.npy actions [T-1, dim] (+ <name>.state.npy, <name>.txt) -> "
+                     "clip shards with actions"),
+    ):
+        action_parser = sub.add_parser(name, help=help_text, description=help_text + ". Clips keep the source frame "
+                                       "rate (no --fps); action_stats.json next to the shards holds the action_dim and "
+                                       "per-dimension statistics. See data_prep/action_control.py.")
+        _add_clip_source(action_parser, captions=False)
+        action_parser.set_defaults(clips_per_video=0)  # robot episodes are short: every clip of each
+        for action in action_parser._actions:
+            if action.dest == "clips_per_video":
+                action.help = "evenly spaced non-overlapping clips per episode; 0 = all of them (default 0)"
+            elif action.dest == "fps":
+                action.help = argparse.SUPPRESS  # the source frame rate is kept ('source' is accepted)
+        src = action_parser.add_argument_group(f"{name} source")
+        if name == "bridge":
+            src.add_argument("--split", default="train", help="annotation/<split> to convert, or 'all' (default train)")
+            src.add_argument("--camera", type=int, default=None, help="index into each JSON's videos list (default 0)")
+            src.add_argument("--bridge-actions", choices=["json", "states"], default="json",
+                             help="json: the 'action' key as stored (default); states: recomputed from 'state' + "
+                             "'continuous_gripper_state' (IRASim / cosmos-predict1 relative actions, unscaled)")
+        elif name == "lerobot":
+            src.add_argument("--camera", default=None, help="video key, e.g. observation.images.top (default: the first)")
+            src.add_argument("--action-key", default="action", help="parquet column of the actions (default action)")
+            src.add_argument("--state-key", default="observation.state",
+                             help="parquet column of the states; 'none' for no states (default observation.state)")
+        else:
+            action_parser.set_defaults(camera=None)
     latents = sub.add_parser(
         "latents", help="video shards -> latent shards (tokenizer latents + T5 embeddings, precomputed)",
         description="Encode every clip of video shards with the recipe's tokenizer and text encoder (model.tokenizer.path, "
@@ -341,6 +445,8 @@ def main(argv=None) -> int:
     if args.command == "train-tokenizer":
         return _train_tokenizer(args, extra)
     args.overrides = list(args.overrides) + extra
+    if args.command in ("bridge", "lerobot", "episodes"):
+        return _actions(args)
     return _clips(args)
 
 

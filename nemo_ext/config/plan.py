@@ -154,6 +154,10 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
         )
 
     # ---- model shapes ----
+    try:
+        task.check(cfg.task, cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     extra_channels = task.extra_channels(cfg.task, m)
     shapes = _ar_shapes(cfg) if cfg.family == "ar" else _diffusion_shapes(cfg, extra_channels)
     latent_shape, num_tokens, context_len, flops = shapes

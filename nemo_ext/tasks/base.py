@@ -29,7 +29,8 @@ class TaskSpec:
     sample_exts: Tuple[str, ...]
     # The procedural sample-world variant that provides data for the embedded default run.
     sample_variant: str
-    # (task_cfg, model_cfg) -> nn.Module; its forward(batch: dict) returns a Conditioning.
+    # (task_cfg, model_cfg, data_cfg) -> nn.Module; its forward(batch: dict) returns a Conditioning.
+    # data_cfg lets a conditioner read statistics data_prep stored with the shards.
     build_conditioner: Callable[..., nn.Module]
     # (task_cfg, model_cfg) -> number of channels concatenated to the latent input.
     extra_channels: Callable[..., int] = lambda task_cfg, model_cfg: 0
@@ -37,6 +38,12 @@ class TaskSpec:
     # "frames" (a row per frame), "transitions" (a row per frame-to-frame step: T-1 for T frames)
     # or "static". Loaders cut them to the clip; e.g. {"actions.npy": "transitions"}.
     sidecars: Mapping[str, str] = field(default_factory=dict)
+    # Whether the task reads the caption text (T5). A task that does not gets no text encoder; its
+    # conditioner fills the cross-attention context itself (zeros, or action tokens for AR).
+    uses_text: Callable[..., bool] = lambda task_cfg: True
+    # (task_cfg, run cfg) -> None: raise ValueError naming the keys when the task cannot run this
+    # configuration (called by make_plan before any work starts).
+    check: Callable[..., None] = lambda task_cfg, cfg: None
     description: str = ""
 
 

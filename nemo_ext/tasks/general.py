@@ -33,7 +33,7 @@ GENERAL = register_task(
         families=("diffusion", "ar"),
         sample_exts=("json",),
         sample_variant="general",
-        build_conditioner=lambda task_cfg, model_cfg: TextConditioner(),
+        build_conditioner=lambda task_cfg, model_cfg, data_cfg=None: TextConditioner(),
         description="a target video distribution (domain, camera spec), conditioned on text",
     )
 )

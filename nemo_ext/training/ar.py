@@ -52,7 +52,8 @@ class ARModule(WorldModelModule):
         precomputed = self.cfg.data.kind == "tokens"
         # The tokenizer stays fp32: its quantizer's rounding is not something to do in bf16.
         self.tokenizer = None if precomputed else build_discrete_tokenizer(m.tokenizer)
-        needs_text = m.cross_attention and (not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0)
+        needs_text = m.cross_attention and self.task.uses_text(self.cfg.task) and (
+            not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0)
         self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(self.plan.dtype) if needs_text else None
         try:
             config = build_transformer_config(m, self.cfg.parallel, self.plan.dtype)
@@ -63,7 +64,7 @@ class ARModule(WorldModelModule):
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
         )
-        return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m))
+        return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m, self.cfg.data))
 
     @property
     def grid(self) -> tuple:
@@ -83,7 +84,7 @@ class ARModule(WorldModelModule):
         inputs, labels, loss_mask = sequence_batch(tokens, self.plan.num_tokens, m.condition_frames, m.bov_id)
         batch = {k: v for k, v in raw.items() if k not in ("video", "tokens", "context", "context_mask")}
         batch.update(tokens=inputs, labels=labels, loss_mask=loss_mask, context=None, context_mask=None)
-        if m.cross_attention:
+        if m.cross_attention and self.task.uses_text(self.cfg.task):
             p_drop = 0.0 if validation else getattr(self.cfg.task, "caption_dropout", 0.0)
             gen = torch.Generator(device="cpu")
             dropped = []

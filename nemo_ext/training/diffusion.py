@@ -39,7 +39,8 @@ class DiffusionModule(WorldModelModule):
         # dropped (then it embeds the empty prompt).
         precomputed = self.cfg.data.kind == "latent"
         self.tokenizer = None if precomputed else ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
-        needs_text = not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0
+        needs_text = self.task.uses_text(self.cfg.task) and (
+            not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0)
         self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype) if needs_text else None
         config = build_transformer_config(m, self.cfg.parallel, dtype)
         net = CosmosDiT(
@@ -49,7 +50,7 @@ class DiffusionModule(WorldModelModule):
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
         )
-        return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m))
+        return WorldModel(config, net, self.task.build_conditioner(self.cfg.task, m, self.cfg.data))
 
     def prepare_microbatch(self, raw: dict, index: int, validation: bool = False) -> dict:
         """Move a loader batch to the device, encode video and captions with the frozen encoders,
@@ -73,7 +74,9 @@ class DiffusionModule(WorldModelModule):
             dropped.append(p_drop > 0 and torch.rand(1, generator=gen, device=device).item() < p_drop)
             if self.cfg.model.video2world:
                 cond_noises.append(torch.randn(latents.shape[1:], generator=gen, device=device))
-        context, context_mask = self._text_context(raw, dropped, device)
+        context = context_mask = None  # a task without text fills the context in its conditioner
+        if self.task.uses_text(self.cfg.task):
+            context, context_mask = self._text_context(raw, dropped, device)
         fps = self.cfg.data.fps
         if fps is None and "fps" in raw:
             fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate

@@ -110,7 +110,7 @@ def test_interrupted_run_is_redone(tmp_path: Path) -> None:
 
 
 def test_argument_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown sample world variant 'robot'; known: general"):
+    with pytest.raises(ValueError, match=r"unknown sample world variant 'robot'; known: general, action"):
         sw.generate(tmp_path, variant="robot", progress=False)
     with pytest.raises(ValueError, match=r"1 \+ 8k"):
         sw.generate(tmp_path, num_frames=16, progress=False)
@@ -119,19 +119,20 @@ def test_argument_validation(tmp_path: Path) -> None:
 
 
 def test_a_new_variant_is_just_a_renderer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The planned "action" variant: a renderer returning sidecars; nothing else changes."""
+    """A variant is a renderer returning sidecars; nothing else changes (the real "action" variant
+    is tested in test_sample_world_action.py)."""
 
     def render_action(rng: np.random.Generator, spec: sw.WorldSpec) -> sw.Episode:
         ep = sw.render_general(rng, spec)
         actions = rng.normal(size=(spec.num_frames - 1, 2)).astype(np.float32)
         return sw.Episode(frames=ep.frames, caption=ep.caption, meta=ep.meta, sidecars={"actions.npy": actions})
 
-    monkeypatch.setitem(sw.RENDERERS, "action", render_action)
-    out = sw.generate(tmp_path / "action", **{**SMALL, "num_videos": 2, "variant": "action"})
+    monkeypatch.setitem(sw.RENDERERS, "toy", render_action)
+    out = sw.generate(tmp_path / "toy", **{**SMALL, "num_videos": 2, "variant": "toy"})
     index = ShardIndex.from_paths(out, required_exts=("mp4", "json", "actions.npy"))
     actions = np.load(io.BytesIO(index.read(0, "actions.npy")))
     assert actions.shape == (8, 2) and actions.dtype == np.float32
-    assert json.loads(index.read(0, "json"))["variant"] == "action"
+    assert json.loads(index.read(0, "json"))["variant"] == "toy"
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
