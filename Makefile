@@ -55,7 +55,7 @@ CKPT ?=
 FROM ?=
 TO ?=
 
-.PHONY: help setup train slurm sweep sweep-report print-config convert sample test test-full sample-data data clean-venv docker
+.PHONY: help setup train slurm sweep sweep-report print-config convert sample eval test test-full sample-data data clean-venv docker
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -74,7 +74,7 @@ help: ## Show targets and variables
 	@echo "  Slurm (slurm, sweep): NODES= GPUS_PER_NODE= (0 = CPU nodes) PARTITION= ACCOUNT= TIME= CONTAINER=<image>"
 	@echo "                     MOUNTS=src:dst,... DRY_RUN=1 (print the script only); sweep: SWEEP=\"k=v1,v2 k2=v3\" NAME="
 	@echo "  RUN=<sweep dir>    (sweep-report) the sweep to tabulate"
-	@echo "  CKPT=<dir|last>    (sample) run dir, checkpoint dir, or last: the newest run of recipe/FAMILY/MODEL"
+	@echo "  CKPT=<dir|last>    (sample, eval) run dir, checkpoint dir, or last: the newest run of recipe/FAMILY/MODEL"
 	@echo
 	@echo "Example: make setup && make recipe=general train"
 
@@ -151,6 +151,11 @@ sample: ## Generate a video (mp4): make sample CKPT=<run|checkpoint dir|last> [F
 	$(need_venv)
 	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=<run dir|checkpoint dir|last> [recipe= FAMILY= MODEL=] [ARGS=\"--prompt '...' --video in.mp4 | --from-data ...\"]"; exit 2; }
 	$(PY) -m nemo_ext.cli.sample --ckpt $(CKPT) $(SAMPLE_LAST_ARGS) $(ARGS)
+
+eval: ## Evaluate a run with its task's eval: make recipe=action_control eval CKPT=<run|checkpoint dir|last> [FAMILY= MODEL= ARGS="--episodes 8 --steps 2"]
+	$(need_venv)
+	@test -n "$(CKPT)" || { echo "usage: make recipe=<task> eval CKPT=<run dir|checkpoint dir|last> [FAMILY= MODEL=] [ARGS=\"--episodes N --split val|train --steps K --shuffle-seed S --out DIR\"]"; exit 2; }
+	$(PY) -m nemo_ext.cli.eval --ckpt $(CKPT) $(SAMPLE_LAST_ARGS) $(ARGS)
 
 sample-data: ## Generate the procedural sample world of a recipe into data/sample/<variant>/
 	$(need_venv)

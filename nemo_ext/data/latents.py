@@ -84,6 +84,13 @@ class LatentClipDataset(Dataset):
         return out
 
 
+def _tokenizer_label(tok) -> str:
+    """What made the latents (a shard directory made by another tokenizer must not be reused)."""
+    if tok.kind == "space_to_depth":
+        return f"space_to_depth(s{tok.spatial_compression},t{tok.temporal_compression})"
+    return tok.path or "tiny"
+
+
 def precompute_latents(cfg, src, out_dir, batch_size: int = 4, device: Optional[str] = None,
                        dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Path:
     """Encode every sample of the video shards ``src`` with the recipe's tokenizer and text encoder
@@ -100,7 +107,7 @@ def precompute_latents(cfg, src, out_dir, batch_size: int = 4, device: Optional[
     m, d = cfg.model, cfg.data
     params = {
         "source": str(Path(src).resolve()), "num_frames": d.num_frames, "height": d.height, "width": d.width,
-        "resize_mode": d.resize_mode, "tokenizer": m.tokenizer.path or "tiny", "text_encoder": m.text_encoder.path or "tiny",
+        "resize_mode": d.resize_mode, "tokenizer": _tokenizer_label(m.tokenizer), "text_encoder": m.text_encoder.path or "tiny",
         "max_length": m.text_encoder.max_length, "dtype": str(dtype),
     }
     if (out_dir / "manifest.json").is_file():

@@ -155,6 +155,10 @@ class LoadedRun:
 
     @property
     def text_conditioned(self) -> bool:
+        """Whether generation feeds a T5 context: the task must read text (action_control without
+        an instruction does not: its context is zeros) and the model must attend to it."""
+        if not self.module.task.uses_text(self.cfg.task):
+            return False
         return self.family == "diffusion" or bool(self.cfg.model.cross_attention)
 
     def condition_frames(self) -> int:
@@ -173,7 +177,7 @@ class LoadedRun:
 
 def load_run(ckpt: str, *, weights: str = "auto", device: str = "auto", num_frames: Optional[int] = None,
              overrides: Sequence[str] = (), recipe: Optional[str] = None, family: Optional[str] = None,
-             model: Optional[str] = None) -> LoadedRun:
+             model: Optional[str] = None, weights_from: Optional[str] = None) -> LoadedRun:
     """Build a run's model for generation and load a checkpoint's weights (call it inside
     :func:`generation_world`).
 
@@ -182,7 +186,10 @@ def load_run(ckpt: str, *, weights: str = "auto", device: str = "auto", num_fram
     outside a run (``convert import``) takes the recipe's config composed with ``recipe`` / ``family`` /
     ``model``.
     ``weights``: auto (EMA when the checkpoint has it) | ema | raw. ``overrides``: dotted config
-    keys (e.g. ``model.tokenizer.path=...``)."""
+    keys (e.g. ``model.tokenizer.path=...``). ``weights_from``: build ``ckpt``'s model but load
+    another checkpoint's weights, e.g. the base model a run was post-trained from: the modules it
+    lacks (a task's conditioner, zero-initialized so that step 0 is the base model) keep their
+    init, so generation is the base model's."""
     from megatron.core import dist_checkpointing
 
     from nemo_ext.config.plan import make_plan
@@ -210,6 +217,8 @@ def load_run(ckpt: str, *, weights: str = "auto", device: str = "auto", num_fram
     cfg.parallel = ParallelConfig()
     cfg.data = dataclasses.replace(cfg.data, kind="video", backend="pyav", micro_batch_size=1, global_batch_size=1,
                                    num_frames=num_frames or cfg.data.num_frames)
+    if weights_from is not None:
+        path = resolve_checkpoint(weights_from)
     cfg.trainer = dataclasses.replace(cfg.trainer, device=device, init_from=str(path), ema_decay=None)
     plan = make_plan(cfg, world_size=1)
 
@@ -240,8 +249,13 @@ def _load_ema(module, ckpt: Path) -> None:
 
     from nemo_ext.training.ema import WeightEMA
 
+    import torch.distributed.checkpoint as dcp
+
     ema = WeightEMA(module.world_model, 0.5)  # the decay is irrelevant: only the stored average is read
     template = ema.sharded_state_dict(module.sharded_state_dict())
+    # a base checkpoint (load_run's weights_from) lacks the task's new modules: they keep their init
+    available = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    template = {k: v for k, v in template.items() if any(a.startswith(v.key) for a in available)}
     loaded = dist_checkpointing.load({"ema": template}, str(ckpt))["ema"]
     module.load_megatron_state_dict(loaded, strict=False)
 

@@ -110,7 +110,8 @@ class ActionEncoder(nn.Module):
                 f"task.action_dim={self.action_dim}: the data's action dimension or the clip length differs"
             )
         dtype = self.mlp[0].weight.dtype
-        return ((actions.float() - self.mean) / self.std).to(dtype)
+        # float32 statistics: the world model casts the conditioner, buffers included, to bf16
+        return ((actions.float() - self.mean.float()) / self.std.float()).to(dtype)
 
 
 class DiTActionConditioner(ActionEncoder):

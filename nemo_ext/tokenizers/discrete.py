@@ -727,7 +727,8 @@ def reconstruction_psnr(tokenizer: DiscreteVideoTokenizer, videos: torch.Tensor,
 def train_fsq_tokenizer(cfg: DiscreteTokenizerConfig, src, out, *, num_frames: int = 17, height: int = 64,
                         width: int = 64, steps: int = 300, batch_size: int = 4, lr: float = 2e-3,
                         val_src=None, val_clips: int = 8, max_videos: int = 256, resize_mode: str = "crop",
-                        seed: int = 0, log_every: int = 50, progress: bool = True) -> FSQTrainResult:
+                        seed: int = 0, log_every: int = 50, progress: bool = True,
+                        device: Optional[str] = None) -> FSQTrainResult:
     """Train the built-in FSQ tokenizer of ``cfg`` (``path`` must be null) on video shards ``src``
     with an L1 + MSE reconstruction loss and write its weights to ``out`` (``.safetensors`` or
     ``.pt``; use them with ``model.tokenizer.builtin_weights=<out>``). Starts from
@@ -738,6 +739,7 @@ def train_fsq_tokenizer(cfg: DiscreteTokenizerConfig, src, out, *, num_frames: i
     decoded once into memory. PSNR is measured before and after on held-out clips: the first
     ``val_clips`` videos of ``val_src``, or else the last ``val_clips`` videos of ``src`` (which
     are then not trained on). A few hundred steps take a few minutes on a CPU at the default size.
+    ``device``: where to train (default: the GPU when there is one; the clips stay in host memory).
     """
     from nemo_ext.data.shards import ShardIndex
 
@@ -770,6 +772,9 @@ def train_fsq_tokenizer(cfg: DiscreteTokenizerConfig, src, out, *, num_frames: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FSQTokenizer(cfg)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        val_videos = val_videos.to(device)
         psnr_before = reconstruction_psnr(model, val_videos)
         model.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -791,7 +796,7 @@ def train_fsq_tokenizer(cfg: DiscreteTokenizerConfig, src, out, *, num_frames: i
                 if bool(torch.rand((), generator=gen) < 0.5):
                     clip = clip.flip(2)
                 clips.append(clip)
-            video = _to_video(torch.stack(clips))
+            video = _to_video(torch.stack(clips)).to(device, non_blocking=True)
             recon, _ = model.reconstruct(video)
             loss = F.l1_loss(recon, video) + F.mse_loss(recon, video)
             opt.zero_grad(set_to_none=True)
@@ -805,6 +810,7 @@ def train_fsq_tokenizer(cfg: DiscreteTokenizerConfig, src, out, *, num_frames: i
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.requires_grad_(False).eval()
         psnr_after = reconstruction_psnr(model, val_videos)
+        model.cpu()
     k = max(1, min(10, len(losses) // 2))
     result = FSQTrainResult(out=Path(out), steps=steps, seconds=time.time() - t0, train_videos=len(train),
                             val_clips=len(val), loss_first=sum(losses[:k]) / k, loss_last=sum(losses[-k:]) / k,

@@ -82,7 +82,7 @@ class ARModule(WorldModelModule):
         if tuple(tokens.shape[1:]) != self.grid:
             raise RuntimeError(f"token grid {tuple(tokens.shape[1:])} of the batch differs from the run's {self.grid}")
         inputs, labels, loss_mask = sequence_batch(tokens, self.plan.num_tokens, m.condition_frames, m.bov_id)
-        batch = {k: v for k, v in raw.items() if k not in ("video", "tokens", "context", "context_mask")}
+        batch = self.task_entries(raw, device, ("video", "tokens", "context", "context_mask"))
         batch.update(tokens=inputs, labels=labels, loss_mask=loss_mask, context=None, context_mask=None)
         if m.cross_attention and self.task.uses_text(self.cfg.task):
             p_drop = 0.0 if validation else getattr(self.cfg.task, "caption_dropout", 0.0)

@@ -80,7 +80,7 @@ class DiffusionModule(WorldModelModule):
         fps = self.cfg.data.fps
         if fps is None and "fps" in raw:
             fps = float(raw["fps"][0])  # RoPE's time scale: the clips' own frame rate
-        batch = {k: v for k, v in raw.items() if k not in ("video", "latents", "context", "context_mask")}
+        batch = self.task_entries(raw, device, ("video", "latents", "context", "context_mask"))
         batch.update(
             latents=latents,
             context=context,

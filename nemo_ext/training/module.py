@@ -149,6 +149,13 @@ class WorldModelModule(pl.LightningModule):
         """megatron's forward step: (output, loss_func) for the next microbatch."""
         raise NotImplementedError
 
+    @staticmethod
+    def task_entries(raw: dict, device, consumed: tuple) -> dict:
+        """The loader batch's entries a family does not consume itself (the task's sidecars such as
+        ``actions``, sample seeds, captions), tensors moved to ``device``."""
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in raw.items() if k not in consumed}
+
     def _text_context(self, raw: dict, dropped: list, device):
         """T5 context of the batch: precomputed embeddings or the frozen encoder's; a dropped
         caption (classifier-free guidance training) becomes the empty prompt's embedding."""

@@ -18,8 +18,14 @@ from nemo_ext.diffusion.edm import EDMConfig
 class TokenizerConfig:
     """The frozen continuous video tokenizer (Cosmos CV8x8x8 / diffusers ``AutoencoderKLCosmos``).
 
-    ``path`` is a local directory in diffusers format (``config.json`` + safetensors); ``null`` builds
-    the tiny deterministic random-weight tokenizer of the same class (plumbing and tests only).
+    ``kind: vae`` (default): ``path`` is a local directory in diffusers format (``config.json`` +
+    safetensors); ``null`` builds the tiny deterministic random-weight tokenizer of the same class
+    (plumbing and tests only: its decoder output is not an image).
+    ``kind: space_to_depth``: no weights, exactly invertible (pixel-unshuffle ``spatial_compression``
+    x ``spatial_compression``, then ``temporal_compression`` frames stacked per latent frame after
+    the first frame, which stands alone as in the causal Cosmos layout); ``latent_channels`` must be
+    ``3 * spatial_compression**2 * temporal_compression`` (192 for 8x8 spatial in image mode,
+    ``temporal_compression: 1``). For small experiments whose metrics are in pixel space.
     """
 
     path: Optional[str] = None
@@ -28,6 +34,7 @@ class TokenizerConfig:
     spatial_compression: int = 8
     # Channel widths of the built-in tiny tokenizer (ignored when ``path`` is set).
     tiny_channels: int = 16
+    kind: str = "vae"  # vae | space_to_depth
 
 
 @dataclass

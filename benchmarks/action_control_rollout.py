@@ -1,0 +1,211 @@
+"""Does action_control post-training teach a model the actions? Post-train a tiny model of one
+family on the procedural action world for a fixed budget and compare rollouts (GPU; runs on CPU
+with small budgets too).
+
+    python benchmarks/action_control_rollout.py --family diffusion --base-steps 3000 --post-steps 3000
+    python benchmarks/action_control_rollout.py --family ar --tokenizer-steps 3000 --base-steps 3000 --post-steps 3000
+
+The protocol (every stage is the user-facing CLI, in one work directory):
+
+1. ``world``: the action world (``data_prep.sample_world``, variant ``action``; ``--videos``
+   training episodes, a held-out world of ``--val-videos`` at ``<world>_val``).
+2. AR only, ``tokenizer``: the built-in FSQ tokenizer trained on that world
+   (``nemo_ext.cli.prep train-tokenizer``): pixel metrics need a decodable tokenizer. The diffusion
+   family uses ``dit_tiny_v2w_s2d`` (exactly invertible space-to-depth tokenizer, no training).
+3. ``base``: the base model = the same network trained on the world's videos *without* actions
+   (``recipe=general``: text-conditioned Video2World on the clips' captions) for ``--base-steps``.
+4. ``post``: action_control post-training from the base (``trainer.init_from``; the action
+   conditioner is new and zero-initialized; ``task.instruction=true`` keeps the caption text the
+   base was trained with) for ``--post-steps``.
+5. ``eval``: ``nemo_ext.cli.eval`` rollouts over ``--episodes`` held-out episodes from the first
+   frame, whole action sequences: the post-trained model with the true actions, with the actions
+   permuted in time and with actions swapped between episodes, and the base model
+   (``--weights-from``: the post-trained run's network with the base weights; for the DiT its
+   zero-initialized action path makes it exactly the base model, for AR the zero action tokens
+   only dilute cross-attention, the same under every action sequence).
+
+The result file ``benchmarks/results/action_control_<family>_<hw>_<date>.json`` holds each stage's
+command and seconds, both runs' final losses, and per evaluation the mean PSNR / SSIM / latent L2
+or token accuracy with true and shuffled actions, the action-sensitivity gap with its bootstrap
+interval and verdict, and the simulator's ground-truth control (the gap a perfect model shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_throughput import _commit, _hardware  # noqa: E402  (one definition of the results header)
+
+MODELS = {"diffusion": "dit_tiny_v2w_s2d", "ar": "ar_tiny_v2w"}
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run a stage, its output into ``log`` (the tail is printed on failure); returns seconds."""
+    print("running:", " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        tail = log.read_text()[-6000:]
+        raise SystemExit(f"stage failed ({proc.returncode}) after {seconds:.0f} s: {' '.join(cmd)}\n{tail}")
+    print(f"  done in {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    """The last logged training row (NeMo may split a run into run_<n>/ segments)."""
+    from nemo_ext.launch.sweep import run_metrics
+
+    rows = run_metrics(run_dir)
+    return rows[-1] if rows else {}
+
+
+def _eval_summary(report: dict) -> dict:
+    means, sens = report["means"], report["action_sensitivity"]
+    code = "latent_l2" if "latent_l2" in means else "token_accuracy"
+    out = {
+        "psnr_db": means["psnr"], "psnr_shuffled_db": means["psnr_shuffled"],
+        "ssim": means["ssim"], "ssim_shuffled": means["ssim_shuffled"],
+        code: means[code], f"{code}_shuffled": means[code + "_shuffled"],
+        "psnr_gap_db": sens["psnr_gap_db"], "psnr_gap_ci95": sens["psnr_gap_ci95"], "ssim_gap": sens["ssim_gap"],
+        "verdict": sens["verdict"], "shuffle": report["config"]["shuffle"], "episodes": report["config"]["episodes"],
+        "rollout_frames": report["config"]["rollout_frames"], "checkpoint": report["checkpoint"],
+        "weights_from": report.get("weights_from"), "eval_seconds": report["timings"]["total_s"],
+    }
+    ctrl = report.get("ground_truth_control")
+    if ctrl:
+        out["ground_truth_control"] = {k: ctrl[k] for k in ("psnr_true_actions", "psnr_shuffled_actions", "psnr_gap_db")}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="diffusion", choices=sorted(MODELS))
+    p.add_argument("--model", default=None, help="model preset (default: dit_tiny_v2w_s2d / ar_tiny_v2w)")
+    p.add_argument("--work", default=str(REPO / "runs" / "bench_action_control"),
+                   help="work directory (worlds, runs, evals). Every stage resumes: run the script again with the "
+                   "same arguments after an interruption and finished stages are kept")
+    p.add_argument("--videos", type=int, default=512, help="training episodes of the action world")
+    p.add_argument("--val-videos", type=int, default=32, help="held-out episodes")
+    p.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out")
+    p.add_argument("--tokenizer-steps", type=int, default=3000, help="AR: FSQ tokenizer training steps")
+    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--post-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32, help="global batch (one micro-batch)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
+    p.add_argument("--sampler-steps", type=int, default=20, help="diffusion: EDM sampler steps per chunk")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--name", default=None, help="result file stem (default: action_control_<family>_<hw>_<date>)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--commit", default=None, help="commit to record (default: this checkout's HEAD)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for both trainings (e.g. model.num_layers=8)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    device = args.device if args.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    family, model = args.family, args.model or MODELS[args.family]
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    world = work / "world"
+    py = sys.executable
+    stages: dict = {}
+    data = [f"data.sample_dir={world}", f"data.sample_num_videos={args.videos}",
+            f"data.sample_val_num_videos={args.val_videos}", "data.sample_num_frames=33", "data.num_frames=9",
+            f"data.global_batch_size={args.batch}", f"data.micro_batch_size={args.batch}",
+            f"data.num_workers={args.workers}", "data.backend=pyav", "data.sample_variant=action"]
+    common = ["--family", family, f"model={model}", f"trainer.device={device}", f"runs_dir={work / 'runs'}",
+              "trainer.progress_bar=false", "trainer.log_every_n_steps=50", "trainer.val_every_n_steps=500",
+              *data, *args.overrides]
+
+    # 1. the worlds (the trainer would make them too; the tokenizer needs them first)
+    from data_prep.sample_world import generate
+    from nemo_ext.training.data import HELD_OUT_SAMPLE_SEED
+
+    start = time.perf_counter()
+    workers = max(1, min(16, (os.cpu_count() or 1) - 1))
+    generate(world, "action", args.videos, 33, 64, 64, seed=0, workers=workers, progress=False)
+    generate(Path(str(world) + "_val"), "action", args.val_videos, 33, 64, 64, seed=HELD_OUT_SAMPLE_SEED,
+             workers=workers, progress=False)
+    stages["world"] = {"seconds": time.perf_counter() - start, "videos": args.videos, "val_videos": args.val_videos}
+
+    # 2. AR: a decodable tokenizer
+    if family == "ar":
+        weights = work / "fsq_action.safetensors"
+        cmd = [py, "-m", "nemo_ext.cli.prep", "train-tokenizer", "--recipe", "action_control", "--family", "ar",
+               "--out", str(weights), "--data", str(world), "--val-data", str(world) + "_val",
+               "--steps", str(args.tokenizer_steps), "--batch-size", str(args.batch), "--no-progress",
+               f"model={model}", "data.num_frames=9"]
+        done = weights.is_file()  # an earlier call of this script trained it (the stages resume)
+        stages["tokenizer"] = {"command": " ".join(cmd), "seconds": 0.0 if done else _run(cmd, work / "tokenizer.log")}
+        stages["tokenizer"]["log_tail"] = (work / "tokenizer.log").read_text().strip().splitlines()[-3:]
+        common.append(f"model.tokenizer.builtin_weights={weights}")
+
+    # 3. the base model: the world's videos without actions
+    base_run = work / "runs" / "general" / f"{family}_{model}" / "base"
+    cmd = [py, "-m", "nemo_ext.cli.train", "--recipe", "general", *common, "run_name=base",
+           f"trainer.max_steps={args.base_steps}", "trainer.checkpoint_every_n_steps=500"]
+    stages["base"] = {"command": " ".join(cmd), "seconds": _run(cmd, work / "base.log"),
+                      "last": _last_metrics(base_run)}
+
+    # 4. action_control post-training from it
+    post_run = work / "runs" / "action_control" / f"{family}_{model}" / "post"
+    cmd = [py, "-m", "nemo_ext.cli.train", "--recipe", "action_control", *common, "run_name=post",
+           "task.instruction=true", f"trainer.init_from={base_run}", f"trainer.max_steps={args.post_steps}",
+           "trainer.checkpoint_every_n_steps=500"]
+    stages["post"] = {"command": " ".join(cmd), "seconds": _run(cmd, work / "post.log"),
+                      "last": _last_metrics(post_run)}
+
+    # 5. rollouts
+    evals = {}
+    extra = ["--sampler-steps", str(args.sampler_steps)] if family == "diffusion" else []
+    plans = {"post_time_shuffle": ["--shuffle", "time"], "post_episode_swap": ["--shuffle", "episodes"],
+             "base": ["--weights-from", str(base_run), "--no-control"]}
+    for name, flags in plans.items():
+        out_dir = work / "eval" / name
+        cmd = [py, "-m", "nemo_ext.cli.eval", "--ckpt", str(post_run), "--episodes", str(args.episodes),
+               "--out", str(out_dir), "--no-progress", "--videos", "2", *extra, *flags]
+        seconds = _run(cmd, work / f"eval_{name}.log")
+        report = json.loads((out_dir / "report.json").read_text())
+        evals[name] = {"command": " ".join(cmd), "seconds": seconds, **_eval_summary(report)}
+
+    post, base = evals["post_time_shuffle"], evals["base"]
+    headline = {
+        "psnr_post_true_db": post["psnr_db"], "psnr_post_time_shuffled_db": post["psnr_shuffled_db"],
+        "psnr_post_episode_swapped_db": evals["post_episode_swap"]["psnr_shuffled_db"], "psnr_base_db": base["psnr_db"],
+        "gap_vs_time_shuffled_db": post["psnr_gap_db"], "gap_vs_episode_swapped_db": evals["post_episode_swap"]["psnr_gap_db"],
+        "gain_over_base_db": post["psnr_db"] - base["psnr_db"],
+        "verdict_time_shuffle": post["verdict"], "verdict_episode_swap": evals["post_episode_swap"]["verdict"],
+    }
+    hw = _hardware()
+    hw_tag = (hw.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")
+    date = datetime.date.today().isoformat()
+    result = {
+        "what": f"action_control post-training, {family} ({model}): rollout PSNR with true vs shuffled actions vs the base",
+        "date": date, "commit": args.commit or _commit(), "hardware": hw, "command": " ".join([py, *sys.argv]),
+        "budget": {"tokenizer_steps": args.tokenizer_steps if family == "ar" else None, "base_steps": args.base_steps,
+                   "post_steps": args.post_steps, "global_batch": args.batch},
+        "headline": headline, "evaluations": evals, "stages": stages,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name or f'action_control_{family}_{hw_tag}_{date}'}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(headline, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
