@@ -106,7 +106,10 @@ def export_diffusers(src, dst, weights: str = "auto") -> str:
     Returns which weights were written."""
     from nemo_ext.training.checkpoint import resolve_checkpoint
 
+    from nemo_ext.checkpoint.lora import require_full_checkpoint
+
     ckpt = resolve_checkpoint(str(src))
+    require_full_checkpoint(ckpt)
     cfg = model_config_of(ckpt)
     ema = read_tensors(ckpt, prefixes=["ema.model.net."])
     if weights == "ema" and not ema:

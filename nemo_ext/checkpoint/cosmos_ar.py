@@ -324,10 +324,12 @@ def import_cosmos_ar(src, dst, cfg: ARConfig) -> ARConfig:
 def export_cosmos_ar(src, dst, weights: str = "auto") -> str:
     """Our AR checkpoint (any layout) -> a released-layout ``model.pt`` (``dst``: a .pt path or a
     folder). ``weights``: auto (EMA when present) | ema | raw. Returns which weights were written."""
+    from nemo_ext.checkpoint.lora import require_full_checkpoint
     from nemo_ext.checkpoint.plain import read_tensors, unstack_layers
     from nemo_ext.training.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(src))
+    require_full_checkpoint(ckpt)
     cfg = ar_config_of(ckpt)
     ema = read_tensors(ckpt, prefixes=["ema.model.net."])
     if weights == "ema" and not ema:

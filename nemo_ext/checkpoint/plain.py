@@ -89,3 +89,22 @@ def write_model_checkpoint(template: dict, tensors: dict[str, torch.Tensor], out
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(partial, out_dir)
+
+
+def write_global_tensors(tensors: dict[str, torch.Tensor], out_dir, content_metadata: dict) -> None:
+    """Save global tensors under their checkpoint keys (e.g. what :func:`read_tensors` returned,
+    edited) as a checkpoint that any layout can load: each tensor is one whole shard, and loading
+    reads the slices a rank needs. Needs a (one-process) torch.distributed group."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
+    sharded = {key: ShardedTensor.from_rank_offsets(key, value.contiguous(), replica_id=0) for key, value in tensors.items()}
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"state_dict": sharded}, str(partial), content_metadata=content_metadata)
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(partial, out_dir)

@@ -8,6 +8,12 @@
 
 --model checks that the imported weights have the architecture of a model preset (recipes/_base/model).
 
+LoRA runs (strategy=lora) checkpoint only their adapters (and the task modules that train fully);
+merge folds them into the base they were trained on (recorded in the checkpoint; --base overrides)
+and writes a normal checkpoint, which exports like any other (either family):
+
+    python -m nemo_ext.cli.convert merge --from <adapter checkpoint|LoRA run dir> --to <checkpoint dir> [--base <dir>] [--weights auto|ema|raw]
+
 Autoregressive family (released Cosmos-1 AR ``model.pt`` files; --family auto detects it from the source):
 
     python -m nemo_ext.cli.convert import --family ar --from <model.pt or its folder> --to <checkpoint dir> --model ar_4b
@@ -57,7 +63,15 @@ def main(argv=None) -> int:
     exp.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"])
     exp.add_argument("--family", default="auto", choices=["auto", "diffusion", "ar"],
                      help="auto: the family recorded in the checkpoint")
+    mrg = sub.add_parser("merge", help="LoRA adapter checkpoint + its base -> a full checkpoint")
+    mrg.add_argument("--from", dest="src", required=True, help="adapter checkpoint, or a LoRA run directory (its last)")
+    mrg.add_argument("--to", dest="dst", required=True)
+    mrg.add_argument("--base", default=None, help="the base checkpoint (default: the one recorded in the adapter checkpoint)")
+    mrg.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                     help="auto: the EMA of the trained tensors when the checkpoint has one")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "merge":
+        return _main_merge(args)
     if _family(args) == "ar":
         return _main_ar(args)
 
@@ -117,6 +131,19 @@ def _main_ar(args) -> int:
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"convert error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _main_merge(args) -> int:
+    from nemo_ext.checkpoint.lora import ConversionError, merge_lora_checkpoint
+
+    try:
+        summary = merge_lora_checkpoint(args.src, args.dst, base=args.base, weights=args.weights)
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"convert error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged the LoRA adapters ({summary['weights']} weights, scale {summary['scale']:g}) of {summary['adapters']} "
+          f"into {summary['merged_weights']} weight tensors of {summary['base']} -> {args.dst}")
     return 0
 
 

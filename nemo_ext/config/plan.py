@@ -88,7 +88,7 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
         raise ConfigError(f"task.name: {exc.args[0]}") from None
     if cfg.family not in task.families:
         raise ConfigError(f"task {task.name!r} supports families {list(task.families)}, not family={cfg.family!r}")
-    _choice(cfg.strategy.name, "strategy.name", ["full"])
+    _choice(cfg.strategy.name, "strategy.name", ["full", "lora"])
     _choice(cfg.launcher.name, "launcher.name", ["local", "slurm"])
 
     # ---- device and precision ----
@@ -99,9 +99,11 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     _choice(tr.precision, "trainer.precision", ["auto", "bf16", "fp32"])
     precision = tr.precision if tr.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    for key in ("max_steps", "log_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
+    for key in ("max_steps", "log_every_n_steps", "keep_last_n_checkpoints"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(tr, key)} must be >= 1")
+    if tr.checkpoint_every_n_steps < 0:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps={tr.checkpoint_every_n_steps} must be >= 0 (0: no checkpoints)")
     if tr.val_every_n_steps < 0:
         raise ConfigError(f"trainer.val_every_n_steps={tr.val_every_n_steps} must be >= 0 (0 turns validation off)")
     if tr.val_batches < 1:
@@ -159,6 +161,8 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     extra_channels = task.extra_channels(cfg.task, m)
+    if cfg.strategy.name == "lora":
+        _check_lora(cfg)
     shapes = _ar_shapes(cfg) if cfg.family == "ar" else _diffusion_shapes(cfg, extra_channels)
     latent_shape, num_tokens, context_len, flops = shapes
 
@@ -184,6 +188,30 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
         flops_per_sample=flops,
         run_dir=run_dir_for(cfg),
     )
+
+
+def _check_lora(cfg) -> None:
+    from nemo_ext.models.lora import target_catalogue, unmatched_patterns
+
+    st = cfg.strategy
+    if st.rank < 1:
+        raise ConfigError(f"strategy.rank={st.rank} must be >= 1")
+    if not st.alpha > 0:
+        raise ConfigError(f"strategy.alpha={st.alpha} must be > 0")
+    if not 0.0 <= st.dropout < 1.0:
+        raise ConfigError(f"strategy.dropout={st.dropout} must be in [0, 1)")
+    if not st.target_modules:
+        raise ConfigError("strategy.target_modules is empty: LoRA needs at least one linear to adapt")
+    catalogue = target_catalogue(cfg.family, cfg.model)
+    missing = unmatched_patterns(st.target_modules, catalogue)
+    if missing:
+        raise ConfigError(
+            f"strategy.target_modules: {missing} match no linear of model={cfg.model.name}; its LoRA-capable "
+            f"linears are {catalogue} (patterns match these names or their last component)"
+        )
+    bad = [p for p in st.trainable_modules if not isinstance(p, str) or not p]
+    if bad:
+        raise ConfigError(f"strategy.trainable_modules: {bad} are not module name patterns")
 
 
 # data.kind per family: precomputed latents feed the DiT, precomputed token shards the AR model.

@@ -93,9 +93,23 @@ class ParallelConfig:
 
 @dataclass
 class StrategyConfig:
-    """Training strategy: which parameters train (``full`` = all)."""
+    """Training strategy: which parameters train. ``full``: all of them. ``lora``: the base model is
+    frozen; LoRA adapters on the tensor-parallel linears whose role matches ``target_modules`` train,
+    with the modules matching ``trainable_modules`` (the task's new conditioner), and checkpoints
+    hold only those (the base comes from ``trainer.init_from``). The LoRA fields are ignored by
+    ``full``. See ``nemo_ext.models.lora``."""
 
-    name: str = "full"
+    name: str = "full"  # full | lora
+    rank: int = 16
+    alpha: float = 16.0  # the adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter input
+    # fnmatch patterns on a linear's role: its path inside a transformer layer
+    # (self_attention.linear_qkv|linear_proj, cross_attention.linear_q|linear_kv|linear_proj,
+    # mlp.linear_fc1|linear_fc2) or inside the network (AR: output_layer), or its last component.
+    target_modules: List[str] = field(default_factory=lambda: ["*attention.linear_*", "mlp.linear_*"])
+    # fnmatch patterns on module names of the trained model (conditioner, net.final_layer, ...):
+    # these train fully next to the adapters (a task's conditioner is new, so it must).
+    trainable_modules: List[str] = field(default_factory=lambda: ["conditioner"])
 
 
 @dataclass
@@ -118,14 +132,16 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | gpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 50  # 0: no checkpoints at all (benchmarks)
     # Validation loss on held-out data (data.val_path) every this many steps and at the last step
     # (0 = off): `val_batches` global batches of fixed clips with fixed noise, forward only.
     val_every_n_steps: int = 50
     val_batches: int = 2
     keep_last_n_checkpoints: int = 2
     resume: bool = True  # resume from the run directory's checkpoints/last when it exists
-    init_from: Optional[str] = None  # weights to start from (a checkpoint dir): e.g. an imported base model
+    # Weights to start from (a checkpoint dir): e.g. an imported base model. With strategy=lora it
+    # is the frozen base the adapters train on (null: a random base, saved once to <run>/base).
+    init_from: Optional[str] = None
     progress_bar: bool = True
     tensorboard: bool = True
     wandb: bool = False

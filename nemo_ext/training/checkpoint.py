@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from nemo.utils.callbacks.nemo_model_checkpoint import NeMoModelCheckpoint
 
@@ -85,36 +86,116 @@ def resolve_checkpoint(path: str) -> Path:
     )
 
 
-def load_weights(module, path: str) -> None:
+def checkpoint_strategy(meta: dict) -> dict:
+    """The ``strategy`` a checkpoint was written with (its content metadata; older ones: full)."""
+    return meta.get("strategy") or {"name": "full"}
+
+
+def lora_base_of(ckpt: Path, meta: dict) -> Path:
+    """The full-weights checkpoint an adapter checkpoint was trained on (its metadata's ``base``)."""
+    base = meta.get("base")
+    if not base:
+        raise ValueError(f"{ckpt} holds LoRA adapters but does not record their base checkpoint")
+    try:
+        return resolve_checkpoint(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{ckpt} holds LoRA adapters trained on the base checkpoint {base}, which is missing; restore it "
+            "(or merge with python -m nemo_ext.cli.convert merge --base <its new place>)"
+        ) from None
+
+
+def load_weights(module, path: str) -> Optional[Path]:
     """Model weights only (no optimizer/loop state) from a checkpoint, at this run's layout.
+    Returns the checkpoint the frozen base weights came from (for ``strategy=lora``).
 
     The checkpoint may come from another run or from ``convert import``: modules it does not have
-    that a task adds (``conditioner.*``, new and zero-initialized by design) keep their init;
-    anything else missing, or an architecture that differs, is an error naming it."""
-    import torch.distributed.checkpoint as dcp
+    that a task adds (``conditioner.*``, new and zero-initialized by design) and LoRA adapters
+    (zero-initialized ``B``: the base function) keep their init; anything else missing, or an
+    architecture that differs, is an error naming it. An adapter checkpoint of a LoRA run loads as
+    its base checkpoint (recorded in its metadata) plus its adapters, into a LoRA model."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     ckpt = resolve_checkpoint(path)
-    saved = (dist_checkpointing.load_content_metadata(str(ckpt)) or {}).get("model")
+    meta = dist_checkpointing.load_content_metadata(str(ckpt)) or {}
+    saved = meta.get("model")
     if saved:
         diffs = architecture_diff(saved, module.cfg.model.architecture())
         if diffs:
             raise ValueError(
                 f"trainer.init_from={path}: the checkpoint's model (first) differs from this run's model: " + "; ".join(diffs)
             )
+    if checkpoint_strategy(meta).get("name") == "lora":
+        if not module.lora:
+            raise ValueError(
+                f"trainer.init_from={path} holds LoRA adapters, this run has strategy={module.cfg.strategy.name}: "
+                f"fold them into their base first (python -m nemo_ext.cli.convert merge --from {path} --to <dir>) "
+                "and start from that"
+            )
+        base = load_weights(module, str(lora_base_of(ckpt, meta)))
+        _load_tensors(module, ckpt, module.sharded_state_dict(), path, fresh=lambda key: False)
+        logger.info("with the LoRA adapters of %s", ckpt)
+        return base
+    adapters = {"model." + n + "." for n in lora_adapter_names(module)}
+    _load_tensors(module, ckpt, module.full_sharded_state_dict(), path,
+                  fresh=lambda key: key.startswith("model.conditioner.") or key.startswith(tuple(adapters)))
+    return ckpt
+
+
+def lora_adapter_names(module) -> list[str]:
+    from nemo_ext.models.lora import ADAPTER_SUFFIX, adapters_of
+
+    return [name + ADAPTER_SUFFIX for name in adapters_of(module.world_model)] if module.world_model is not None else []
+
+
+def _load_tensors(module, ckpt: Path, sharded: dict, path: str, fresh) -> None:
+    import torch.distributed.checkpoint as dcp
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     available = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     template = {}
-    fresh = []
-    for key, value in module.sharded_state_dict().items():
+    kept = []
+    for key, value in sharded.items():
         if isinstance(value, ShardedObject):  # _extra_state: nothing to load for weights
             continue
         if value.key in available:
             template[key] = value
-        elif key.startswith("model.conditioner."):
-            fresh.append(key)
+        elif fresh(key):
+            kept.append(key)
         else:
             raise ValueError(f"trainer.init_from={path}: the checkpoint has no tensor {value.key!r}")
-    logger.info("initializing weights from %s%s", ckpt, f" ({len(fresh)} new task tensors keep their init)" if fresh else "")
+    logger.info("initializing weights from %s%s", ckpt, f" ({len(kept)} new tensors keep their init)" if kept else "")
     loaded = dist_checkpointing.load({"state_dict": template}, str(ckpt))
     module.load_megatron_state_dict(loaded["state_dict"], strict=False)
+
+
+def save_model_weights(module, out_dir: Path, source: str) -> None:
+    """The model without its LoRA adapters as a normal model checkpoint (like ``convert import``
+    writes): a collective over every rank; written to ``<out_dir>.partial``, renamed when complete."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    adapters = tuple("model." + n + "." for n in lora_adapter_names(module))
+    sd = {k: v for k, v in module.full_sharded_state_dict().items()
+          if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and not k.startswith(adapters)}
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save({"state_dict": sd}, str(partial),
+                            content_metadata={"model": dataclasses.asdict(module.cfg.model), "source": source})
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        os.replace(partial, out_dir)
+        logger.info("wrote the LoRA run's base weights to %s", out_dir)
+    if dist.is_initialized():
+        dist.barrier()

@@ -123,16 +123,76 @@ class WorldModelModule(pl.LightningModule):
         self.data_accounting = DataAccounting(cfg.data.max_failed_samples, cfg.data.max_failed_fraction)
         self._loader = None  # the training loader, when it has a position to checkpoint (DALI)
         self._loader_states: Optional[dict] = None  # that position, restored from a checkpoint
+        # The frozen base a LoRA run trains on: trainer.init_from's full-weights checkpoint, or (None)
+        # a random base, written to `random_base_dir` with the run's first checkpoint.
+        self.lora_base = None
+        self.parameter_counts: dict = {}
 
     # ---------------- model ----------------
+    @property
+    def lora(self) -> bool:
+        return self.cfg.strategy.name == "lora"
+
     def configure_model(self) -> None:
+        """Build the model, add LoRA adapters and freeze the base (``strategy=lora``), then load the
+        starting weights: ``trainer.init_from``, or for a LoRA run without one its random base saved
+        at the first checkpoint (``<run>/base``), when resuming. The same path for both families."""
         if self.world_model is not None:
             return
-        self.world_model = self.build_world_model()
-        if self.cfg.trainer.init_from:
-            from nemo_ext.training.checkpoint import load_weights
+        from nemo_ext.training.checkpoint import load_weights
 
-            load_weights(self, self.cfg.trainer.init_from)
+        self.world_model = self.build_world_model()
+        if self.lora:
+            self._apply_lora()
+        if self.cfg.trainer.init_from:
+            self.lora_base = load_weights(self, self.cfg.trainer.init_from)
+        elif self.lora and (self.random_base_dir / "metadata.json").is_file():
+            self.lora_base = load_weights(self, str(self.random_base_dir))
+        elif self.lora:
+            logger.warning(
+                "strategy=lora on a randomly initialized base (trainer.init_from is not set): this exercises the "
+                "plumbing only; LoRA post-trains a pretrained model (convert import it, then trainer.init_from=<dir>). "
+                "A fresh DiT's AdaLN-Zero gates are zero, so its adapters get no gradient at all.")
+        from nemo_ext.models.lora import describe, parameter_counts
+
+        trainable, total = parameter_counts(self.world_model)
+        self.parameter_counts = {"trainable": trainable, "total": total}
+        logger.info("strategy=%s: %s", self.cfg.strategy.name, describe(trainable, total))
+
+    @property
+    def random_base_dir(self):
+        return self.plan.run_dir / "base"
+
+    def _apply_lora(self) -> None:
+        from nemo_ext.config.compose import ConfigError
+        from nemo_ext.models.lora import apply_lora, freeze_base, role_of
+
+        st = self.cfg.strategy
+        adapters = apply_lora(self.world_model, st.rank, st.alpha, st.dropout, st.target_modules, seed=self.cfg.trainer.seed)
+        unmatched = freeze_base(self.world_model, st.trainable_modules)
+        unmatched = self._unmatched_on_every_stage(unmatched, st.trainable_modules)
+        if unmatched:
+            names = sorted({n.split(".")[0] if n.startswith("conditioner") else ".".join(n.split(".")[:2])
+                            for n, _ in self.world_model.named_modules() if n})
+            raise ConfigError(f"strategy.trainable_modules: {unmatched} match no module of the model; its modules "
+                              f"include {names} (fnmatch on dotted names, e.g. 'conditioner', 'net.final_layer*')")
+        if not any(p.requires_grad for p in self.world_model.parameters()):
+            raise ConfigError("strategy=lora: nothing to train on this pipeline stage (no adapter matched "
+                              "strategy.target_modules and no module strategy.trainable_modules)")
+        logger.info("LoRA: rank %d, alpha %g on %d linears of this stage (%s); trained fully: %s",
+                    st.rank, st.alpha, len(adapters), ", ".join(sorted({role_of(n) for n in adapters})),
+                    st.trainable_modules or "nothing else")
+
+    @staticmethod
+    def _unmatched_on_every_stage(unmatched: list, patterns: list) -> list:
+        """Patterns that match no module on any pipeline stage (a stage lacks the others' modules)."""
+        if parallel_state.get_pipeline_model_parallel_world_size() <= 1 or not patterns:
+            return unmatched
+        flags = torch.tensor([1.0 if p in unmatched else 0.0 for p in patterns],
+                             device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN,
+                                     group=parallel_state.get_pipeline_model_parallel_group())
+        return [p for p, f in zip(patterns, flags.tolist()) if f > 0]
 
     def build_world_model(self) -> torch.nn.Module:
         """The trained megatron model (a WorldModel) of this pipeline stage; frozen helpers
@@ -207,7 +267,32 @@ class WorldModelModule(pl.LightningModule):
             config.param_sync_func = self._chunks[0].start_param_sync
 
     def sharded_state_dict(self) -> dict:
+        """What a checkpoint of the run holds: the whole model, or with ``strategy=lora`` only what
+        trains (adapters and the fully trained modules); the frozen base stays in its own checkpoint."""
+        sd = self.full_sharded_state_dict()
+        if self.lora:
+            from nemo_ext.models.lora import trained_state_keys
+
+            trained = {"model." + k for k in trained_state_keys(self.world_model, self.cfg.strategy.trainable_modules)}
+            sd = {k: v for k, v in sd.items() if k in trained}
+        return sd
+
+    def full_sharded_state_dict(self) -> dict:
         return self.world_model.sharded_state_dict(prefix="model.")
+
+    def save_random_base(self) -> None:
+        """``strategy=lora`` without ``trainer.init_from``: write the (frozen, randomly initialized)
+        base to ``<run>/base`` once, so that the run's adapter checkpoints can be resumed, sampled and
+        merged. A collective (every rank calls it, from the strategy's checkpoint save)."""
+        if not self.lora or self.lora_base is not None:
+            return
+        from nemo_ext.training.checkpoint import save_model_weights
+
+        out = self.random_base_dir
+        if not (out / "metadata.json").is_file():
+            save_model_weights(self, out, source=f"random initialization (trainer.seed={self.cfg.trainer.seed}) "
+                                                 f"of run {self.plan.run_dir}")
+        self.lora_base = out.resolve()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
@@ -235,9 +320,14 @@ class WorldModelModule(pl.LightningModule):
         )
 
     def load_megatron_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        """Load loaded sharded-checkpoint tensors; ``strict``: everything ``sharded_state_dict``
+        covers must be there (with LoRA, the adapters and fully trained modules only)."""
         inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         missing, unexpected = self.world_model.load_state_dict(inner, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
+        if self.lora:
+            expected = {k[len("model."):] for k in self.sharded_state_dict()}
+            missing = [k for k in missing if k in expected]
         if strict and (missing or unexpected):
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
 

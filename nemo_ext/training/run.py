@@ -49,11 +49,14 @@ def build_trainer(cfg, plan: RunPlan):
     from nemo_ext.training.validation import ValidationLoss
 
     strategy = MegatronStrategy(cfg.parallel, device=plan.device, seed=cfg.trainer.seed)
+    checkpoints = cfg.trainer.checkpoint_every_n_steps > 0  # 0: none at all (benchmarks)
     callbacks = [
-        RunCheckpoint(plan.checkpoint_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_last_n_checkpoints),
         StepMetrics(cfg.trainer.log_every_n_steps, cfg.data.global_batch_size, plan.flops_per_sample, plan.world_size),
         RunLifecycle(plan.run_dir, requeue=cfg.launcher.requeue),
     ]
+    if checkpoints:
+        callbacks.insert(0, RunCheckpoint(plan.checkpoint_dir, cfg.trainer.checkpoint_every_n_steps,
+                                          cfg.trainer.keep_last_n_checkpoints))
     # After the preemption handler: a run stopping on a signal saves without validating first.
     callbacks.append(ValidationLoss(cfg.trainer.val_every_n_steps))
     if cfg.trainer.progress_bar:
@@ -66,7 +69,7 @@ def build_trainer(cfg, plan: RunPlan):
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
         logger=False,
-        enable_checkpointing=True,  # with our RunCheckpoint in callbacks
+        enable_checkpointing=checkpoints,  # with our RunCheckpoint in callbacks
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=True,
         use_distributed_sampler=False,

@@ -219,6 +219,8 @@ class MegatronStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options=None) -> None:
         from megatron.core import dist_checkpointing
 
+        # A LoRA run on a random base writes that base once, before its first adapter checkpoint.
+        self.lightning_module.save_random_base()
         final = Path(filepath)
         partial = final.with_name(final.name + ".partial")
         if self.is_global_zero:
@@ -251,7 +253,38 @@ class MegatronStrategy(ParallelStrategy):
             "model": dataclasses.asdict(module.cfg.model),
             "ema": module.ema is not None,
             "data_state": module._loader is not None,
+            # strategy=lora: the checkpoint holds the adapters (+ fully trained modules) of this base.
+            "strategy": dataclasses.asdict(module.cfg.strategy),
+            "base": str(module.lora_base) if module.lora and module.lora_base is not None else None,
+            "parameters": dict(module.parameter_counts),
         }
+
+    # Strategy settings a checkpoint's tensors depend on (the dropout does not change them).
+    STRATEGY_KEYS = ("name", "rank", "alpha", "target_modules", "trainable_modules")
+
+    def _check_strategy(self, path: Path, saved: Dict[str, Any]) -> None:
+        """A run resumes only with the strategy it was written with (LoRA: same adapters, on the
+        same base)."""
+        from nemo_ext.training.checkpoint import checkpoint_strategy
+
+        module = self.lightning_module
+        before, now = checkpoint_strategy(saved), dataclasses.asdict(module.cfg.strategy)
+        keys = self.STRATEGY_KEYS if now["name"] == "lora" and before.get("name") == "lora" else ("name",)
+        diffs = [f"strategy.{k}: checkpoint {before.get(k)} vs now {now[k]}" for k in keys if before.get(k) != now[k]]
+        if diffs:
+            raise RuntimeError(
+                f"cannot resume {path}: " + "; ".join(diffs) + ". Keep those settings to resume, or start a new run "
+                f"(run_name=...) with trainer.init_from={path}"
+                + (" after merging its adapters (python -m nemo_ext.cli.convert merge)" if before.get("name") == "lora" else "")
+            )
+        if now["name"] != "lora":
+            return
+        if module.lora_base is None and saved.get("base"):
+            raise RuntimeError(f"cannot resume {path}: its adapters were trained on the base {saved['base']}, "
+                               f"but this run has no trainer.init_from and no {module.random_base_dir}")
+        if saved.get("base") and module.lora_base is not None and Path(saved["base"]).resolve() != Path(module.lora_base):
+            logger.warning("resuming the adapters of %s, trained on the base %s, on the base %s (trainer.init_from)",
+                           path, saved["base"], module.lora_base)
 
     def _check_optimizer_format(self, path: Path) -> None:
         """Model weights reshard across any layout; megatron's optimizer-state formats differ by
@@ -276,6 +309,8 @@ class MegatronStrategy(ParallelStrategy):
         path = Path(checkpoint_path).resolve()
         if not (path / "metadata.json").is_file():
             raise FileNotFoundError(f"{checkpoint_path} is not a complete checkpoint (no metadata.json)")
+        saved = dist_checkpointing.load_content_metadata(str(path)) or {}
+        self._check_strategy(path, saved)
         if self.lightning_restore_optimizer and self.optimizers:
             self._check_optimizer_format(path)
         module = self.lightning_module
@@ -285,7 +320,6 @@ class MegatronStrategy(ParallelStrategy):
             template["optimizer_states"] = [
                 getattr(opt, "_optimizer", opt).sharded_state_dict(model_sd, is_loading=True) for opt in self.optimizers
             ]
-        saved = dist_checkpointing.load_content_metadata(str(path)) or {}
         if module.ema is not None and saved.get("ema"):
             template["ema"] = module.ema.sharded_state_dict(model_sd)
         # The DALI loader's reader positions (the PyAV loader derives its position from the step).

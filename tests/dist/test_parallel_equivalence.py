@@ -49,6 +49,10 @@ AR_LAYOUTS = {
 AR_SLOW_LAYOUTS = {
     "ar_dp2_distopt": (2, ["parallel=dp_distopt"]),
     "ar_pp2": (2, ["parallel=pp2"]),
+    # LoRA through the trainer (frozen base, adapter-only checkpoints with their optimizer state
+    # resharded); the AR family because a fresh DiT's AdaLN-Zero gates give its adapters no
+    # gradient (CI covers both families' LoRA at TP2xPP2+SP in test_lora_parallel.py).
+    "ar_lora_tp2_pp2_sp": (4, ["parallel=tp2_pp2", "parallel.sequence_parallel=true", "strategy=lora"]),
 }
 SLOW_LAYOUTS = {**SLOW_LAYOUTS, **AR_SLOW_LAYOUTS}
 ALL = {**LAYOUTS, **AR_LAYOUTS, **SLOW_LAYOUTS}
@@ -56,6 +60,10 @@ ALL = {**LAYOUTS, **AR_LAYOUTS, **SLOW_LAYOUTS}
 
 def _family(name: str) -> str:
     return "ar" if name.startswith("ar_") else "diffusion"
+
+
+def _strategy_overrides(overrides) -> list:
+    return [o for o in overrides if o.startswith("strategy")]
 
 
 def _uses_distopt(overrides, family: str = "diffusion") -> bool:
@@ -72,13 +80,13 @@ def references(tmp_path_factory, sample_world):
     runs = tmp_path_factory.mktemp("ref_runs")
     cache = {}
 
-    def get(distopt: bool, device: str, family: str = "diffusion"):
-        key = (distopt, device, family)
+    def get(distopt: bool, device: str, family: str = "diffusion", strategy: tuple = ()):
+        key = (distopt, device, family, strategy)
         if key not in cache:
             extra = ["parallel.distributed_optimizer=true"] if distopt else []
-            cache[key] = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3", *extra],
-                                 runs_dir=runs, run_name=f"ref_{device}_{'distopt' if distopt else 'plain'}",
-                                 device=device, family=family)
+            name = f"ref_{device}_{'distopt' if distopt else 'plain'}" + ("_lora" if strategy else "")
+            cache[key] = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3", *extra, *strategy],
+                                 runs_dir=runs, run_name=name, device=device, family=family)
         return cache[key]
 
     return get
@@ -90,6 +98,8 @@ def _fork_at_step(reference, runs_dir, step: int, name: str):
     (dst / "checkpoints").mkdir(parents=True)
     shutil.copytree(reference.run_dir / "checkpoints" / f"step_{step}", dst / "checkpoints" / f"step_{step}")
     (dst / "checkpoints" / "last").symlink_to(f"step_{step}")
+    if (reference.run_dir / "base").is_dir():  # a LoRA run's random base
+        shutil.copytree(reference.run_dir / "base", dst / "base")
     return dst
 
 
@@ -120,7 +130,7 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
         if torch.cuda.device_count() < nproc:
             pytest.skip(f"needs {nproc} GPUs")
     family = _family(name)
-    reference = references(_uses_distopt(overrides, family), device, family)
+    reference = references(_uses_distopt(overrides, family), device, family, tuple(_strategy_overrides(overrides)))
     ref = reference.metrics()
     runs = tmp_path / "runs"
     _fork_at_step(reference, runs, 1, name)
@@ -135,9 +145,9 @@ def test_layout_reproduces_single_process_step(references, sample_world, tmp_pat
     if device == "cpu":
         _assert_same_weights(reference.run_dir / "checkpoints" / "step_2", run.run_dir / "checkpoints" / "step_2", name)
 
-    if name in ("tp2_pp2", "ar_tp2_pp2_sp"):  # reshard back: its step-2 checkpoint in one process reproduces step 3
-        back = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3"], runs_dir=runs,
-                       run_name=name, device=device, family=family)
+    if name in ("tp2_pp2", "ar_tp2_pp2_sp", "ar_lora_tp2_pp2_sp"):  # reshard back: its step-2 checkpoint in one process reproduces step 3
+        back = run_cli([*COMMON, f"data.sample_dir={sample_world}", "trainer.max_steps=3", *_strategy_overrides(overrides)],
+                       runs_dir=runs, run_name=name, device=device, family=family)
         rows = back.metrics()
         assert rows[3]["loss"] == pytest.approx(ref[3]["loss"], rel=tol)
         assert rows[3]["grad_norm"] == pytest.approx(ref[3]["grad_norm"], rel=10 * tol)

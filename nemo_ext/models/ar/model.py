@@ -191,6 +191,8 @@ class CosmosAR(MegatronModule):
 
     # Module prefixes held by every pipeline stage (see parallel_utils).
     pipeline_replicated = ("pos_embed.",)
+    # Tensor-parallel linears outside the transformer layers (LoRA target roles, nemo_ext.models.lora).
+    parallel_linears = ("output_layer",)
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
