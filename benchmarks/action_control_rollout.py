@@ -27,7 +27,9 @@ The protocol (every stage is the user-facing CLI, in one work directory):
 The result file ``benchmarks/results/action_control_<family>_<hw>_<date>.json`` holds each stage's
 command and seconds, both runs' final losses, and per evaluation the mean PSNR / SSIM / latent L2
 or token accuracy with true and shuffled actions, the action-sensitivity gap with its bootstrap
-interval and verdict, and the simulator's ground-truth control (the gap a perfect model shows).
+interval and verdict, the teacher-forced training loss on ground-truth clips with true vs shuffled
+actions (does the model use the actions at all, sampling aside), and the simulator's
+ground-truth control (the gap a perfect model shows).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def _eval_summary(report: dict) -> dict:
         "verdict": sens["verdict"], "shuffle": report["config"]["shuffle"], "episodes": report["config"]["episodes"],
         "rollout_frames": report["config"]["rollout_frames"], "checkpoint": report["checkpoint"],
         "weights_from": report.get("weights_from"), "eval_seconds": report["timings"]["total_s"],
+        "teacher_forced": {k: v for k, v in sens["teacher_forced"].items() if k != "per_episode_gap"},
     }
     ctrl = report.get("ground_truth_control")
     if ctrl:
@@ -187,6 +190,9 @@ def main(argv=None) -> int:
         "gap_vs_time_shuffled_db": post["psnr_gap_db"], "gap_vs_episode_swapped_db": evals["post_episode_swap"]["psnr_gap_db"],
         "gain_over_base_db": post["psnr_db"] - base["psnr_db"],
         "verdict_time_shuffle": post["verdict"], "verdict_episode_swap": evals["post_episode_swap"]["verdict"],
+        # the training loss on ground-truth clips, true vs episode-swapped actions (no sampling involved)
+        "teacher_forced_loss_true": evals["post_episode_swap"]["teacher_forced"]["loss_true"],
+        "teacher_forced_loss_swapped": evals["post_episode_swap"]["teacher_forced"]["loss_shuffled"],
     }
     hw = _hardware()
     hw_tag = (hw.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")

@@ -438,9 +438,9 @@ def run_variant(name: str, body: Callable[[], dict], device: torch.device, keep_
         record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000],
                       traceback=traceback.format_exc()[-4000:])
     finally:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
-        torch._dynamo.reset()  # compiled graphs hold references to the variant's modules
+        dynamo.reset()  # compiled graphs hold references to the variant's modules
         reset_memory(device)
     return record
 

@@ -199,6 +199,41 @@ def other_rows(name: str, res: dict) -> list[dict]:
              "reference": "-", "ratio": "-", "target": "-", "met": "-", "file": name}]
 
 
+def lora_rows(name: str, res: dict) -> list[dict]:
+    """benchmarks/lora_vs_full.py: each strategy's step time and peak memory (issue: LoRA)."""
+    def cell(r: dict) -> str:
+        if r.get("status") != "ok":
+            return f"{r.get('status', '?')} ({r.get('trainable_params', 0):,} trainable)"
+        return (f"{r['step_time_s_median']:.3f} s/step, peak {r['peak_memory_gib']:.1f} GiB, "
+                f"{r['trainable_params']:,} trainable")
+
+    results = res.get("results", {})
+    lora, full = results.get("lora"), results.get("full")
+    if lora is None:
+        return []
+    ratio = "-"
+    if full and full.get("status") == "ok" and lora.get("status") == "ok":
+        ratio = f"{full['step_time_s_median'] / lora['step_time_s_median']:.2f}x faster"
+    elif full and full.get("status") == "oom" and lora.get("status") == "ok":
+        ratio = "LoRA fits, full does not"
+    return [{"item": "LoRA vs full", "setting": res.get("what", name), "hw": _gpu(res), "ours": "lora: " + cell(lora),
+             "reference": "full: " + cell(full) if full else "-", "ratio": ratio,
+             "target": "LoRA fits where full does not", "met": "yes" if ratio == "LoRA fits, full does not" else "-",
+             "file": name}]
+
+
+def action_control_rows(name: str, res: dict) -> list[dict]:
+    """benchmarks/action_control_rollout.py: rollout PSNR with true vs shuffled actions vs the base."""
+    h = res["headline"]
+    gap = h["gap_vs_episode_swapped_db"]
+    return [{"item": "action_control rollout", "setting": res.get("what", name), "hw": _gpu(res),
+             "ours": f"{h['psnr_post_true_db']:.2f} dB (true actions)",
+             "reference": f"{h['psnr_post_episode_swapped_db']:.2f} dB swapped, "
+                          f"{h['psnr_post_time_shuffled_db']:.2f} dB time-shuffled, base {h['psnr_base_db']:.2f} dB",
+             "ratio": f"gap {gap:+.2f} dB ({h['verdict_episode_swap']})", "target": "clearly above shuffled",
+             "met": "yes" if h["verdict_episode_swap"] == "learned" else "**no**", "file": name}]
+
+
 def collect(results_dir: Path) -> list[dict]:
     loaded = []
     for path in sorted(results_dir.glob("*.json")):
@@ -218,6 +253,10 @@ def collect(results_dir: Path) -> list[dict]:
             rows += scaling_rows(name, res)
         elif kind == "dali_decode":
             rows += data_rows(name, res, dit_general)
+        elif name.startswith("lora_vs_full"):
+            rows += lora_rows(name, res)
+        elif "headline" in res and name.startswith("action_control"):
+            rows += action_control_rows(name, res)
         else:
             rows += other_rows(name, res)
     order = {"1": 0, "2": 1, "3": 2, "4": 3, "5": 4}

@@ -558,6 +558,37 @@ def evaluate_rollouts(predict: Predictor, episodes: Sequence[Episode], chunk: in
     return Rollouts(ids=ids, chunk=chunk, chunks=k, metrics=metrics, videos=vids, seconds=secs)
 
 
+@torch.no_grad()
+def teacher_forced_losses(run, episodes: Sequence[Episode], chunk: int, shuffled: torch.Tensor, *,
+                          chunks: int, seed: int = 0) -> dict:
+    """The training loss on ground-truth clips (no rollout): each of the first ``chunks`` chunks of
+    every episode as a clip (its first frame + ``chunk`` frames) with the true and with the
+    ``shuffled`` actions [E, N, D], through the run's own ``prepare_microbatch`` (validation mode)
+    and ``forward_step``: diffusion the EDM denoising loss, AR the next-token cross-entropy. Both
+    passes draw the same noise (the sample seed of episode and chunk), so a model that ignores the
+    actions scores exactly the same; one that uses them has the lower loss with the true actions,
+    even while its samples are still poor. ``loss_gap`` = shuffled - true (mean over episodes, with
+    a bootstrap interval)."""
+    module = run.module
+    per_episode = {"true": np.zeros(len(episodes)), "shuffled": np.zeros(len(episodes))}
+    for e, ep in enumerate(episodes):
+        for k in range(chunks):
+            for name, acts in (("true", ep.actions), ("shuffled", shuffled[e])):
+                raw = {"video": ep.frames[None, :, k * chunk: (k + 1) * chunk + 1],
+                       "actions": acts[None, k * chunk: (k + 1) * chunk].float(), "caption": [ep.caption],
+                       "sample_seed": torch.tensor([_sample_seed(seed, ep.index, k)])}
+                if ep.fps:
+                    raw["fps"] = torch.tensor([float(ep.fps)])
+                mb = module.prepare_microbatch(raw, 0, validation=True)
+                out, loss_fn = module.forward_step(iter([mb]), module.world_model)
+                per_episode[name][e] += float(loss_fn(out)[0]) / chunks
+    gaps = per_episode["shuffled"] - per_episode["true"]
+    ci = bootstrap_ci(gaps.tolist(), seed=seed)
+    return {"loss_true": float(per_episode["true"].mean()), "loss_shuffled": float(per_episode["shuffled"].mean()),
+            "loss_gap": float(gaps.mean()), "loss_gap_ci95": list(ci) if ci else None,
+            "clips": len(episodes) * chunks, "per_episode_gap": gaps.tolist()}
+
+
 def _mean(x: np.ndarray, cap: bool = False) -> list:
     x = np.asarray(x, dtype=np.float64)
     if cap:
@@ -779,7 +810,14 @@ def run_eval(args) -> int:
         result = evaluate_rollouts(predictor, episodes, cfg.task.chunk, chunks=args.steps, shuffle=args.shuffle,
                                    shuffle_seed=args.shuffle_seed, batch_size=args.batch_size, code_fn=code_metric(run),
                                    simulator=simulator, videos=args.videos, progress=not args.no_progress)
+        t0 = time.perf_counter()
+        n = result.chunks * result.chunk
+        ids = [ep.index for ep in episodes]
+        shuffled = shuffle_actions(torch.stack([ep.actions[:n] for ep in episodes]), args.shuffle, args.shuffle_seed, ids)
+        teacher = teacher_forced_losses(run, episodes, result.chunk, shuffled, chunks=result.chunks, seed=args.seed)
+        teacher_s = time.perf_counter() - t0
     summary = summarize(result, episodes, args.threshold_db, seed=args.shuffle_seed)
+    summary["action_sensitivity"]["teacher_forced"] = teacher
 
     if args.out:
         out_dir = Path(args.out)
@@ -818,7 +856,7 @@ def run_eval(args) -> int:
             **sampling,
         },
         **summary,
-        "timings": {"load_s": load_s, "read_episodes_s": read_s, **{f"{k}_s": v for k, v in result.seconds.items()},
+        "timings": {"load_s": load_s, "read_episodes_s": read_s, "teacher_forced_s": teacher_s, **{f"{k}_s": v for k, v in result.seconds.items()},
                     "write_s": write_s, "total_s": time.perf_counter() - start, "device": str(run.device), **stats},
         "outputs": {"metrics_png": plot.name, "videos": videos,
                     "video_panels": ["ground truth", "prediction", "prediction with shuffled actions"]},
@@ -859,6 +897,10 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     print(f"action sensitivity: PSNR gap {sens['psnr_gap_db']:.3f} dB"
           + (f" (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])" if ci else "")
           + f", SSIM gap {sens['ssim_gap']:.4f} -> {sens['verdict']}")
+    tf = sens["teacher_forced"]
+    ci = tf["loss_gap_ci95"]
+    print(f"teacher-forced (training loss on ground-truth clips): {tf['loss_true']:.4f} with the true actions, "
+          f"{tf['loss_shuffled']:.4f} shuffled: gap {tf['loss_gap']:+.4f}" + (f" (95% CI [{ci[0]:.4f}, {ci[1]:.4f}])" if ci else ""))
     ctrl = report.get("ground_truth_control")
     if ctrl:
         print(f"ground-truth control (simulator): PSNR {ctrl['psnr_true_actions']:.3f} dB with the true actions, "

@@ -101,6 +101,9 @@ def test_diffusion_eval_cli(runs):
     assert report["family"] == "diffusion" and report["config"]["split"] == "val"
     assert "space_to_depth" in report["tokenizer"]
     assert report["timings"]["model_calls"] == 2 * 2 * (2 * 2 - 1)  # (true, shuffled) x chunks x Heun calls
+    teacher = report["action_sensitivity"]["teacher_forced"]
+    assert teacher["clips"] == 4 and len(teacher["per_episode_gap"]) == 2
+    assert teacher["loss_true"] > 0 and teacher["loss_shuffled"] > 0 and teacher["loss_true"] != teacher["loss_shuffled"]
     root = runs["dit"].parents[3]  # <root>/runs/action_control/<family>_<model>/<name>
     assert (root / "world_dit").is_dir() and (root / "world_dit_val").is_dir()  # the held-out world, made here
 
@@ -117,6 +120,8 @@ def test_base_model_weights_ignore_the_actions(runs, tmp_path):
     assert report["means"]["psnr"] == report["means"]["psnr_shuffled"]
     assert report["action_sensitivity"]["psnr_gap_db"] == 0.0
     assert report["action_sensitivity"]["verdict"] == "not_learned"
+    teacher = report["action_sensitivity"]["teacher_forced"]  # the same noise, actions unused: equal losses
+    assert teacher["loss_true"] == teacher["loss_shuffled"] > 0 and teacher["clips"] == 2
 
 
 def test_sample_cli_on_an_action_run(runs, tmp_path):
