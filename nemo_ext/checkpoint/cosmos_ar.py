@@ -274,34 +274,10 @@ def ar_config_of(ckpt_dir) -> ARConfig:
 
 def write_ar_checkpoint(template: dict, tensors: dict[str, torch.Tensor], out_dir, content_metadata: dict,
                         key_prefix: str = "model.") -> None:
-    """``plain.write_model_checkpoint`` for a model with SwiGLU MLPs: megatron describes their fused
-    ``linear_fc1`` as a ShardedTensorFactory (w and v halves sharded separately over TP), which it
-    applies at save time; the global tensor it stores is the TP1 ``cat(w1, w3)`` layout."""
-    import os
+    """:func:`nemo_ext.checkpoint.plain.write_model_checkpoint` with the AR keys' prefix."""
+    from nemo_ext.checkpoint.plain import write_model_checkpoint
 
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    expected = {k: v for k, v in template.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
-    wanted = {key_prefix + k: v for k, v in tensors.items()}
-    missing, unexpected = sorted(set(expected) - set(wanted)), sorted(set(wanted) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    for key, sh in expected.items():
-        value = wanted[key]
-        shape = sh.local_shape if isinstance(sh, ShardedTensor) else tuple(sh.data.shape)
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} in the source, the model expects {tuple(shape)}")
-        sh.data = value.contiguous()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"state_dict": expected}, str(partial), content_metadata=content_metadata)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(partial, out_dir)
+    write_model_checkpoint(template, tensors, out_dir, content_metadata, key_prefix=key_prefix)
 
 
 def import_cosmos_ar(src, dst, cfg: ARConfig) -> ARConfig:

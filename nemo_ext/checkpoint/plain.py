@@ -59,27 +59,12 @@ def unstack_layers(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return out
 
 
-def write_model_checkpoint(template: dict, tensors: dict[str, torch.Tensor], out_dir, content_metadata: dict,
-                           key_prefix: str = "") -> None:
-    """Save ``tensors`` (module state-dict keys, with ``key_prefix``) into the sharded structure of
-    ``template`` (a one-process model's sharded state dict). Raises ValueError naming any key that
-    is missing, unexpected or of the wrong shape. Needs a (one-process) torch.distributed group."""
+def save_new_checkpoint(sharded: dict, out_dir, content_metadata: dict) -> None:
+    """Save a sharded state dict as a new checkpoint directory: written to ``<out_dir>.partial``
+    and renamed when complete, so a crash never leaves a half checkpoint under the real name; an
+    existing non-empty ``out_dir`` is an error (nothing is overwritten)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    expected = {k: v for k, v in template.items() if isinstance(v, ShardedTensor)}
-    wanted = {key_prefix + k: v for k, v in tensors.items()}
-    missing = sorted(set(expected) - set(wanted))
-    unexpected = sorted(set(wanted) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    sharded = {}
-    for key, sh in expected.items():
-        value = wanted[key]
-        if tuple(value.shape) != tuple(sh.local_shape):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} in the source, the model expects {tuple(sh.local_shape)}")
-        sh.data = value.contiguous()
-        sharded[key] = sh
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
@@ -89,22 +74,37 @@ def write_model_checkpoint(template: dict, tensors: dict[str, torch.Tensor], out
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(partial, out_dir)
+
+
+def write_model_checkpoint(template: dict, tensors: dict[str, torch.Tensor], out_dir, content_metadata: dict,
+                           key_prefix: str = "") -> None:
+    """Save ``tensors`` (module state-dict keys, with ``key_prefix``) into the sharded structure of
+    ``template`` (a one-process model's sharded state dict). Raises ValueError naming any key that
+    is missing, unexpected or of the wrong shape. Needs a (one-process) torch.distributed group.
+
+    A ShardedTensorFactory entry (megatron's SwiGLU ``linear_fc1``: w and v halves sharded
+    separately over TP) takes the TP1 tensor (``cat(w1, w3)``); megatron applies it at save time."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    expected = {k: v for k, v in template.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    wanted = {key_prefix + k: v for k, v in tensors.items()}
+    missing, unexpected = sorted(set(expected) - set(wanted)), sorted(set(wanted) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    for key, sh in expected.items():
+        value = wanted[key]
+        shape = sh.local_shape if isinstance(sh, ShardedTensor) else tuple(sh.data.shape)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in the source, the model expects {tuple(shape)}")
+        sh.data = value.contiguous()
+    save_new_checkpoint(expected, out_dir, content_metadata)
 
 
 def write_global_tensors(tensors: dict[str, torch.Tensor], out_dir, content_metadata: dict) -> None:
     """Save global tensors under their checkpoint keys (e.g. what :func:`read_tensors` returned,
     edited) as a checkpoint that any layout can load: each tensor is one whole shard, and loading
     reads the slices a rank needs. Needs a (one-process) torch.distributed group."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
     sharded = {key: ShardedTensor.from_rank_offsets(key, value.contiguous(), replica_id=0) for key, value in tensors.items()}
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"state_dict": sharded}, str(partial), content_metadata=content_metadata)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(partial, out_dir)
+    save_new_checkpoint(sharded, out_dir, content_metadata)
