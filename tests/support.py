@@ -67,3 +67,25 @@ def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", t
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return CliRun(proc, run_dir)
+
+
+def train_concurrently(specs: dict[str, dict]) -> dict[str, Path]:
+    """Train several tiny runs at once (``name -> run_cli keyword arguments``, each with its own
+    data directory: no two writers of one directory); a run that fails is run again in the
+    foreground, which fails with its training log. Returns each run's directory."""
+    started = {name: run_cli(background=True, run_name=name, **kw) for name, kw in specs.items()}
+    out = {}
+    for name, (proc, run_dir) in started.items():
+        if proc.wait(timeout=600) != 0:
+            run_cli(check=True, run_name=name, **specs[name])
+        assert (run_dir / "checkpoints" / "last" / "metadata.json").is_file(), name
+        out[name] = run_dir
+    return out
+
+
+def cli_env() -> dict:
+    """The environment of a one-process CLI run from a test (no torchrun variables inherited)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env

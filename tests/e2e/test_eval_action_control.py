@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import REPO, run_cli
+from support import REPO, cli_env, train_concurrently
 
 TRAIN = ["trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
          "trainer.val_every_n_steps=0", "data.num_workers=0", "data.global_batch_size=1", "data.micro_batch_size=1",
@@ -37,26 +36,14 @@ def runs(tmp_path_factory):
              "ar": ("model=ar_tiny_v2w", "ar", "action_control", []),
              "base": ("model=dit_tiny_v2w_s2d", "diffusion", "general", ["data.sample_variant=action", "data.num_frames=9"])}
 
-    def train(name, **kwargs):
-        model, family, recipe, extra = specs[name]
-        return run_cli([*TRAIN, f"data.sample_dir={root / ('world_' + name)}", model, *extra], runs_dir=root / "runs",
-                       run_name=name, recipe=recipe, family=family, **kwargs)
-
-    started = {name: train(name, background=True) for name in specs}
-    out = {}
-    for name, (proc, run_dir) in started.items():
-        if proc.wait(timeout=600) != 0:
-            train(name, check=True)  # again in the foreground: fails with the training log
-        assert (run_dir / "checkpoints" / "last" / "metadata.json").is_file(), name
-        out[name] = run_dir
-    return out
+    return train_concurrently({
+        name: dict(overrides=[*TRAIN, f"data.sample_dir={root / ('world_' + name)}", model, *extra],
+                   runs_dir=root / "runs", recipe=recipe, family=family)
+        for name, (model, family, recipe, extra) in specs.items()})
 
 
 def eval_cli(*args, expect=0, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "nemo_ext.cli.eval", *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "nemo_ext.cli.eval", *map(str, args)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, f"eval: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -128,9 +115,8 @@ def test_sample_cli_on_an_action_run(runs, tmp_path):
     """`make sample` on an action_control run: no text context (task.instruction=false), the clip's
     actions from the data drive the conditioner."""
     out = tmp_path / "sample.mp4"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "nemo_ext.cli.sample", "--ckpt", str(runs["dit"]), "--from-data", "val",
-                           "--steps", "2", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--steps", "2", "--out", str(out)], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert decode(out).shape == (CHUNK + 1, SIZE, SIZE, 3)

@@ -7,7 +7,6 @@ given latent frames, EMA weights are used by default."""
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import REPO, run_cli
+from support import REPO, cli_env, train_concurrently
 
 TRAIN = ["trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
          "trainer.val_every_n_steps=0", "data.num_workers=0", "data.sample_num_videos=16", "data.global_batch_size=1",
@@ -35,26 +34,12 @@ def runs(tmp_path_factory, sample_world):
         "ar": (["model=ar_tiny_v2w"], "ar"),
     }
 
-    def train(name, **kwargs):
-        extra, family = specs[name]
-        return run_cli([*TRAIN, f"data.sample_dir={sample_world}", *extra], runs_dir=runs_dir, run_name=name,
-                       family=family, **kwargs)
-
-    started = {name: train(name, background=True) for name in specs}
-    out = {}
-    for name, (proc, run_dir) in started.items():
-        if proc.wait(timeout=600) != 0:
-            train(name, check=True)  # again in the foreground: fails with the training log
-        assert (run_dir / "checkpoints" / "last" / "metadata.json").is_file(), name
-        out[name] = run_dir
-    return out
+    return train_concurrently({name: dict(overrides=[*TRAIN, f"data.sample_dir={sample_world}", *extra],
+                                          runs_dir=runs_dir, family=family) for name, (extra, family) in specs.items()})
 
 
 def sample_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "nemo_ext.cli.sample", *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "nemo_ext.cli.sample", *map(str, args)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"sample failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
