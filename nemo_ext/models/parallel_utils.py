@@ -80,3 +80,51 @@ def sequence_slice(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         x, dim, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank(),
         "tensor-parallel",
     )
+
+
+def scaled_init(std: float, num_layers: int):
+    """Megatron's output-layer init: normal with ``std / sqrt(2 * num_layers)``."""
+    import math
+
+    scaled = std / math.sqrt(2.0 * num_layers)
+    return lambda w: torch.nn.init.normal_(w, mean=0.0, std=scaled)
+
+
+def transformer_config_kwargs(parallel, dtype: torch.dtype, num_layers: int, init_std) -> dict:
+    """The TransformerConfig fields both families set alike: RMSNorm with Q/K norm, no dropout,
+    no bias, megatron's fusions off (they need transformer-engine/apex), the ``parallel`` group's
+    layout and recompute, the dtypes, and CPU master-weight init (the same seed gives the same
+    weights for every TP layout). Each family adds its widths, activation and norm epsilon."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    recompute = getattr(parallel, "recompute", None)
+    full = recompute == "full"
+    return dict(
+        num_layers=num_layers,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_std,
+        output_layer_init_method=None if init_std is None else scaled_init(init_std, num_layers),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        autocast_dtype=dtype if half else None,
+        use_cpu_initialization=True,
+        recompute_granularity=recompute,
+        recompute_method=getattr(parallel, "recompute_method", "uniform") if full else None,
+        recompute_num_layers=getattr(parallel, "recompute_num_layers", 1) if full else None,
+        recompute_modules=["core_attn"] if recompute == "selective" else None,
+    )

@@ -21,7 +21,6 @@ Context parallelism is refused (``ARConfig.check_parallel`` says why).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -45,6 +44,7 @@ from nemo_ext.models.parallel_utils import (
     mark_pipeline_replicated,
     mark_sequence_parallel_replicated,
     sequence_slice,
+    transformer_config_kwargs,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,8 @@ def build_transformer_config(arch: ARConfig, parallel, dtype: torch.dtype) -> AR
     """``parallel`` is the ``parallel`` config group (tp/pp/cp/sequence_parallel/recompute*).
     Raises ValueError naming the keys when the layout cannot run the model."""
     arch.check_parallel(parallel.tp, parallel.pp, parallel.cp, parallel.sequence_parallel)
-    half = dtype in (torch.bfloat16, torch.float16)
-    recompute = getattr(parallel, "recompute", None)
     return ARTransformerConfig(
-        num_layers=arch.num_layers,
+        **transformer_config_kwargs(parallel, dtype, arch.num_layers, arch.init_std),
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
@@ -76,43 +74,10 @@ def build_transformer_config(arch: ARConfig, parallel, dtype: torch.dtype) -> AR
         ffn_hidden_size=arch.ffn_hidden_size,
         activation_func=F.silu,
         gated_linear_unit=True,
-        add_bias_linear=False,
-        normalization="RMSNorm",
         layernorm_epsilon=arch.norm_eps,
-        qk_layernorm=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=arch.init_std,
-        output_layer_init_method=_scaled_init(arch.init_std, arch.num_layers),
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        context_parallel_size=parallel.cp,
-        sequence_parallel=parallel.sequence_parallel,
-        pipeline_dtype=dtype,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        autocast_dtype=dtype if half else None,
-        # CPU master-weight init: the same seed gives the same weights for every TP layout.
-        use_cpu_initialization=True,
-        recompute_granularity=recompute,
-        recompute_method=(getattr(parallel, "recompute_method", "uniform") if recompute == "full" else None),
-        recompute_num_layers=(getattr(parallel, "recompute_num_layers", 1) if recompute == "full" else None),
-        recompute_modules=["core_attn"] if recompute == "selective" else None,
         context_dim=arch.context_dim,
         sdpa_backend=arch.attention_backend if arch.attention_backend != "te" else "auto",
     )
-
-
-def _scaled_init(std: float, num_layers: int):
-    scaled = std / math.sqrt(2.0 * num_layers)
-    return lambda w: torch.nn.init.normal_(w, mean=0.0, std=scaled)
 
 
 class CosmosAR(MegatronModule):
