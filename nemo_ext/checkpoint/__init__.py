@@ -57,15 +57,21 @@ class _Layout:
     recompute_num_layers = 1
 
 
-def dit_template(cfg: DiTConfig, dtype: torch.dtype, prefix: str = "model.net.") -> dict:
-    """Sharded state dict of a one-process DiT built on the meta device (no memory, ~0.1 s for 7B)."""
-    from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
-
+def meta_template(net_cls, build_transformer_config, cfg, dtype: torch.dtype, prefix: str = "model.net.") -> dict:
+    """Sharded state dict of a family's one-process network (``net_cls(config, cfg)``) built on the
+    meta device: no memory, ~0.1 s for 7B."""
     config = build_transformer_config(cfg, _Layout(), dtype)
     config.perform_initialization = False
     with torch.device("meta"):
-        net = CosmosDiT(config, cfg)
+        net = net_cls(config, cfg)
     return net.sharded_state_dict(prefix=prefix)
+
+
+def dit_template(cfg: DiTConfig, dtype: torch.dtype, prefix: str = "model.net.") -> dict:
+    """Sharded state dict of a one-process DiT built on the meta device."""
+    from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
+
+    return meta_template(CosmosDiT, build_transformer_config, cfg, dtype, prefix)
 
 
 def model_config_of(ckpt_dir) -> DiTConfig:

@@ -240,16 +240,10 @@ def write_cosmos_ar_pt(path, sd: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- our checkpoints
 def ar_template(cfg: ARConfig, dtype: torch.dtype, prefix: str = "model.net.") -> dict:
     """Sharded state dict of a one-process CosmosAR built on the meta device."""
-    import types
-
+    from nemo_ext.checkpoint import meta_template
     from nemo_ext.models.ar.model import CosmosAR, build_transformer_config
 
-    layout = types.SimpleNamespace(tp=1, pp=1, cp=1, sequence_parallel=False, recompute=None)
-    config = build_transformer_config(cfg, layout, dtype)
-    config.perform_initialization = False
-    with torch.device("meta"):
-        net = CosmosAR(config, cfg)
-    return net.sharded_state_dict(prefix=prefix)
+    return meta_template(CosmosAR, build_transformer_config, cfg, dtype, prefix)
 
 
 def ar_config_of(ckpt_dir) -> ARConfig:
