@@ -84,6 +84,43 @@ class LatentClipDataset(Dataset):
         return out
 
 
+def shards_up_to_date(out_dir: Path, params: dict, what: str) -> bool:
+    """Resuming a precomputation (latent or token shards): True when ``out_dir`` already holds
+    ``what`` shards made from ``params`` (nothing to do), False when it has none; shards made from
+    other inputs are an error (never overwritten)."""
+    if not (out_dir / "manifest.json").is_file():
+        return False
+    extra = read_manifest(out_dir).get("extra", {})
+    if extra.get("params") == params:
+        logger.info("%s shards in %s are up to date", what, out_dir)
+        return True
+    raise ValueError(f"{out_dir} holds {what} shards made from other inputs ({extra.get('params')}); choose another directory")
+
+
+def clip_batches(cfg, src, batch_size: int, device, desc: str, progress: bool = True):
+    """The clips a precomputation encodes: each sample of the video shards ``src`` cut like
+    training clips from its start (``data.num_frames`` frames at ``data.height x data.width``,
+    with the task's sidecars sliced alike). Returns (index, sidecars, batches), batches yielding
+    ``(first sample index, items, video on device)``."""
+    from tqdm import tqdm
+
+    from nemo_ext.data.dataset import VideoClipDataset
+    from nemo_ext.tasks import get_task
+
+    d = cfg.data
+    sidecars = dict(getattr(get_task(cfg.task.name), "sidecars", {}) or {})
+    index = ShardIndex.from_paths(src, required_exts=("mp4", "json") + tuple(sidecars))
+    clips = VideoClipDataset(index, d.num_frames, d.height, d.width, d.frame_stride, clip_sampling="start",
+                             resize_mode=d.resize_mode, sidecars=sidecars)
+
+    def batches():
+        for start in tqdm(range(0, len(clips), batch_size), desc=desc, unit="batch", disable=not progress):
+            items = [clips[(i, i)] for i in range(start, min(start + batch_size, len(clips)))]
+            yield start, items, torch.stack([it["video"] for it in items]).to(device)
+
+    return index, sidecars, batches()
+
+
 def _tokenizer_label(tok) -> str:
     """What made the latents (a shard directory made by another tokenizer must not be reused)."""
     if tok.kind == "space_to_depth":
@@ -96,11 +133,7 @@ def precompute_latents(cfg, src, out_dir, batch_size: int = 4, device: Optional[
     """Encode every sample of the video shards ``src`` with the recipe's tokenizer and text encoder
     (clip: the first ``data.num_frames`` frames at ``data.height x data.width``) into latent shards
     in ``out_dir``. Resumable: an out_dir whose manifest records the same inputs is left as is."""
-    from tqdm import tqdm
-
     from nemo_ext.conditioning.text import T5TextEncoder
-    from nemo_ext.data.dataset import VideoClipDataset
-    from nemo_ext.tasks import get_task
     from nemo_ext.tokenizers.continuous import ContinuousVideoTokenizer
 
     out_dir = Path(out_dir)
@@ -110,27 +143,17 @@ def precompute_latents(cfg, src, out_dir, batch_size: int = 4, device: Optional[
         "resize_mode": d.resize_mode, "tokenizer": _tokenizer_label(m.tokenizer), "text_encoder": m.text_encoder.path or "tiny",
         "max_length": m.text_encoder.max_length, "dtype": str(dtype),
     }
-    if (out_dir / "manifest.json").is_file():
-        extra = read_manifest(out_dir).get("extra", {})
-        if extra.get("params") == params:
-            logger.info("latent shards in %s are up to date", out_dir)
-            return out_dir
-        raise ValueError(f"{out_dir} holds latent shards made from other inputs ({extra.get('params')}); choose another directory")
+    if shards_up_to_date(out_dir, params, "latent"):
+        return out_dir
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    task = get_task(cfg.task.name)
-    sidecars = dict(getattr(task, "sidecars", {}) or {})
-    index = ShardIndex.from_paths(src, required_exts=("mp4", "json") + tuple(sidecars))
-    clips = VideoClipDataset(index, d.num_frames, d.height, d.width, d.frame_stride, clip_sampling="start",
-                             resize_mode=d.resize_mode, sidecars=sidecars)
+    index, sidecars, batches = clip_batches(cfg, src, batch_size, device, "latents", progress)
     enc_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(device, enc_dtype)
     text = T5TextEncoder(m.text_encoder, m.context_dim).to(device, enc_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     with ShardWriter(out_dir, prefix="latent", max_count=1000) as writer:
-        for start in tqdm(range(0, len(clips), batch_size), desc="latents", unit="batch", disable=not progress):
-            items = [clips[(i, i)] for i in range(start, min(start + batch_size, len(clips)))]
-            video = torch.stack([it["video"] for it in items]).to(device)
+        for start, items, video in batches:
             latents = tokenizer.encode(video).to(dtype).cpu()
             emb, mask = text.encode([it["caption"] for it in items], device)
             for j, it in enumerate(items):

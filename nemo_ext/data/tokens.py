@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nemo_ext.data.latents import _load_tensor, _to_bytes, clip_batches, shards_up_to_date
 from nemo_ext.data.shards import ShardError, ShardIndex, ShardWriter, encode_member, expand_paths, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -92,16 +93,6 @@ def token_spec(cfg, tokenizer_identity: bool = True) -> TokenSpec:
             logger.warning("cannot fingerprint the tokenizer weights (%s): token shards are checked without them", e)
             ident = identity(m.tokenizer, weights=False)
     return TokenSpec(grid=tuple(grid), vocab_size=int(m.tokenizer.vocab_size), tokenizer=ident, context_shape=context)
-
-
-def _load_tensor(blob: bytes):
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def _to_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 class TokenClipDataset(Dataset):
@@ -204,13 +195,7 @@ def precompute_tokens(cfg, src, out_dir, batch_size: int = 4, device: Optional[s
     ``out_dir``, with T5 embeddings of the captions (stored as ``dtype``) when
     ``model.cross_attention``. Resumable: an out_dir whose manifest records the same inputs is left
     as is; one made from other inputs is an error."""
-    from tqdm import tqdm
-
-    from nemo_ext.data.dataset import VideoClipDataset
-    from nemo_ext.tasks import get_task
-    from nemo_ext.tokenizers.discrete import CosmosJITTokenizer, build_discrete_tokenizer
-
-    from nemo_ext.tokenizers.discrete import tokenizer_identity
+    from nemo_ext.tokenizers.discrete import CosmosJITTokenizer, build_discrete_tokenizer, tokenizer_identity
 
     out_dir = Path(out_dir)
     m, d = cfg.model, cfg.data
@@ -223,18 +208,10 @@ def precompute_tokens(cfg, src, out_dir, batch_size: int = 4, device: Optional[s
     if spec.context_shape is not None:
         params.update(text_encoder=m.text_encoder.path or "tiny", max_length=m.text_encoder.max_length,
                       context_dim=m.context_dim, dtype=str(dtype))
-    if (out_dir / "manifest.json").is_file():
-        extra = read_manifest(out_dir).get("extra", {})
-        if extra.get("params") == params:
-            logger.info("token shards in %s are up to date", out_dir)
-            return out_dir
-        raise ValueError(f"{out_dir} holds shards made from other inputs ({extra.get('params')}); choose another directory")
+    if shards_up_to_date(out_dir, params, "token"):
+        return out_dir
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    task = get_task(cfg.task.name)
-    sidecars = dict(getattr(task, "sidecars", {}) or {})
-    index = ShardIndex.from_paths(src, required_exts=("mp4", "json") + tuple(sidecars))
-    clips = VideoClipDataset(index, d.num_frames, d.height, d.width, d.frame_stride, clip_sampling="start",
-                             resize_mode=d.resize_mode, sidecars=sidecars)
+    index, sidecars, batches = clip_batches(cfg, src, batch_size, device, "tokens", progress)
     tokenizer = build_discrete_tokenizer(m.tokenizer)
     # The Cosmos tokenizers run in bfloat16 on GPU (as NVIDIA's pipelines run them); the small built-in
     # one stays float32 so that CPU and GPU give the same tokens.
@@ -251,9 +228,7 @@ def precompute_tokens(cfg, src, out_dir, batch_size: int = 4, device: Optional[s
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     with ShardWriter(out_dir, prefix="tokens", max_count=1000) as writer:
-        for start in tqdm(range(0, len(clips), batch_size), desc="tokens", unit="batch", disable=not progress):
-            items = [clips[(i, i)] for i in range(start, min(start + batch_size, len(clips)))]
-            video = torch.stack([it["video"] for it in items]).to(device)
+        for start, items, video in batches:
             tokens = tokenizer.encode(video).cpu().numpy()
             if text is not None:
                 emb, mask = text.encode([it["caption"] for it in items], device)
