@@ -128,3 +128,15 @@ def transformer_config_kwargs(parallel, dtype: torch.dtype, num_layers: int, ini
         recompute_num_layers=getattr(parallel, "recompute_num_layers", 1) if full else None,
         recompute_modules=["core_attn"] if recompute == "selective" else None,
     )
+
+
+def global_layer_number(config, layer_number: int, pg_collection=None, vp_stage=None) -> int:
+    """A layer's 1-based number in the whole network: its number on this pipeline stage plus the
+    stage's offset (megatron's ``get_transformer_layer_offset``; the PP rank from ``pg_collection``
+    when given, else from parallel_state)."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from megatron.core.utils import get_pg_rank
+
+    pp_group = getattr(pg_collection, "pp", None) if pg_collection is not None else None
+    pp_rank = get_pg_rank(pp_group) if pp_group is not None else None
+    return layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)

@@ -33,8 +33,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
-from megatron.core.utils import get_pg_rank, make_viewless_tensor
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from megatron.core.utils import make_viewless_tensor
 
 from nemo_ext.models.dit.attention import (
     ContextCrossAttention,
@@ -42,6 +42,7 @@ from nemo_ext.models.dit.attention import (
     HeadRMSNorm,
     SDPACoreAttention,
 )
+from nemo_ext.models.parallel_utils import global_layer_number
 
 
 class KVCache:
@@ -113,9 +114,7 @@ class ARLayer(MegatronModule, BaseTransformerLayer):
         **_unused,
     ):
         super().__init__(config=config)
-        pp_group = getattr(pg_collection, "pp", None) if pg_collection is not None else None
-        pp_rank = get_pg_rank(pp_group) if pp_group is not None else None
-        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        self.layer_number = global_layer_number(config, layer_number, pg_collection, vp_stage)
         d, eps = config.hidden_size, config.layernorm_epsilon
         extra = {"pg_collection": pg_collection} if pg_collection is not None else {}
         self.input_layernorm = submodules.input_layernorm(config=config, hidden_size=d, eps=eps)
