@@ -107,23 +107,29 @@ def import_diffusers(src, dst, expected: Optional[DiTConfig] = None) -> DiTConfi
     return cfg
 
 
-def export_diffusers(src, dst, weights: str = "auto") -> str:
-    """Our checkpoint (any layout) -> diffusers folder. ``weights``: auto (EMA when present) | ema | raw.
-    Returns which weights were written."""
-    from nemo_ext.training.checkpoint import resolve_checkpoint
-
+def exported_weights(src, weights: str, config_of):
+    """The weights an export writes: a full checkpoint's (any layout; an adapter checkpoint is
+    refused: merge it first) global tensors as per-layer module keys, EMA or raw per ``weights``
+    (auto: EMA when present). Returns (checkpoint dir, ``config_of(dir)``, tensors, "ema" | "raw")."""
     from nemo_ext.checkpoint.lora import require_full_checkpoint
+    from nemo_ext.training.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(src))
     require_full_checkpoint(ckpt)
-    cfg = model_config_of(ckpt)
+    cfg = config_of(ckpt)
     ema = read_tensors(ckpt, prefixes=["ema.model.net."])
     if weights == "ema" and not ema:
         raise ConversionError(f"{ckpt} has no EMA weights (train with trainer.ema_decay to keep them)")
     use_ema = bool(ema) and weights in ("auto", "ema")
     tensors = ema if use_ema else read_tensors(ckpt, prefixes=["model.net."])
     ours = unstack_layers(tensors, prefix="ema.model." if use_ema else "model.")
+    return ckpt, cfg, ours, "ema" if use_ema else "raw"
+
+
+def export_diffusers(src, dst, weights: str = "auto") -> str:
+    """Our checkpoint (any layout) -> diffusers folder. ``weights``: auto (EMA when present) | ema | raw.
+    Returns which weights were written."""
+    ckpt, cfg, ours, chosen = exported_weights(src, weights, model_config_of)
     write_diffusers_dir(dst, cfg, ours_to_diffusers(ours, cfg))
-    chosen = "ema" if use_ema else "raw"
     logger.info("exported %s weights of %s to %s", chosen, ckpt, dst)
     return chosen

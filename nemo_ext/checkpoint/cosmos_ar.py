@@ -294,20 +294,9 @@ def import_cosmos_ar(src, dst, cfg: ARConfig) -> ARConfig:
 def export_cosmos_ar(src, dst, weights: str = "auto") -> str:
     """Our AR checkpoint (any layout) -> a released-layout ``model.pt`` (``dst``: a .pt path or a
     folder). ``weights``: auto (EMA when present) | ema | raw. Returns which weights were written."""
-    from nemo_ext.checkpoint.lora import require_full_checkpoint
-    from nemo_ext.checkpoint.plain import read_tensors, unstack_layers
-    from nemo_ext.training.checkpoint import resolve_checkpoint
+    from nemo_ext.checkpoint import exported_weights
 
-    ckpt = resolve_checkpoint(str(src))
-    require_full_checkpoint(ckpt)
-    cfg = ar_config_of(ckpt)
-    ema = read_tensors(ckpt, prefixes=["ema.model.net."])
-    if weights == "ema" and not ema:
-        raise ConversionError(f"{ckpt} has no EMA weights (train with trainer.ema_decay to keep them)")
-    use_ema = bool(ema) and weights in ("auto", "ema")
-    tensors = ema if use_ema else read_tensors(ckpt, prefixes=["model.net."])
-    ours = unstack_layers(tensors, prefix="ema.model." if use_ema else "model.")
+    ckpt, cfg, ours, chosen = exported_weights(src, weights, ar_config_of)
     write_cosmos_ar_pt(dst, ours_to_cosmos_ar(ours, cfg))
-    chosen = "ema" if use_ema else "raw"
     logger.info("exported %s weights of %s to %s", chosen, ckpt, dst)
     return chosen
