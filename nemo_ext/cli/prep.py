@@ -385,33 +385,27 @@ def main(argv=None) -> int:
                              help="parquet column of the states; 'none' for no states (default observation.state)")
         else:
             action_parser.set_defaults(camera=None)
-    latents = sub.add_parser(
-        "latents", help="video shards -> latent shards (tokenizer latents + T5 embeddings, precomputed)",
-        description="Encode every clip of video shards with the recipe's tokenizer and text encoder (model.tokenizer.path, "
-        "model.text_encoder.path; the tiny built-ins without paths) into latent shards; train on them with "
-        "data.kind=latent data.path=<out>. On a GPU when one is visible.",
-    )
-    latents.add_argument("--from", dest="src", required=True, help="video shard directory (from `prep videos`)")
-    latents.add_argument("--out", required=True, help="latent shard directory")
-    latents.add_argument("--recipe", default="general")
-    latents.add_argument("--family", default="diffusion", choices=["diffusion", "ar"])
-    latents.add_argument("--batch-size", type=int, default=4)
-    latents.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage precision of latents/embeddings")
-    latents.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
-    tokens = sub.add_parser(
-        "tokens", help="video shards -> token shards (AR family: discrete tokenizer tokens + T5 embeddings)",
-        description="Tokenize every clip of video shards with the recipe's discrete tokenizer (model.tokenizer: a Cosmos "
-        "DV checkpoint directory, or the built-in FSQ tokenizer) into token shards (<key>.tokens.npy, uint16 for "
-        "vocabularies up to 65,536), with the captions' T5 embeddings when the model cross-attends to text. "
-        "On a GPU when one is visible.",
-    )
-    tokens.add_argument("--from", dest="src", required=True, help="video shard directory (from `prep videos` / `prep sample`)")
-    tokens.add_argument("--out", required=True, help="token shard directory")
-    tokens.add_argument("--recipe", default="general")
-    tokens.add_argument("--family", default="ar", choices=["diffusion", "ar"])
-    tokens.add_argument("--batch-size", type=int, default=4)
-    tokens.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage precision of T5 embeddings")
-    tokens.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
+    for name, family, sources, help_text, description, dtype_help in (
+        ("latents", "diffusion", "`prep videos`", "video shards -> latent shards (tokenizer latents + T5 embeddings, precomputed)",
+         "Encode every clip of video shards with the recipe's tokenizer and text encoder (model.tokenizer.path, "
+         "model.text_encoder.path; the tiny built-ins without paths) into latent shards; train on them with "
+         "data.kind=latent data.path=<out>. On a GPU when one is visible.",
+         "storage precision of latents/embeddings"),
+        ("tokens", "ar", "`prep videos` / `prep sample`", "video shards -> token shards (AR family: discrete tokenizer tokens + T5 embeddings)",
+         "Tokenize every clip of video shards with the recipe's discrete tokenizer (model.tokenizer: a Cosmos "
+         "DV checkpoint directory, or the built-in FSQ tokenizer) into token shards (<key>.tokens.npy, uint16 for "
+         "vocabularies up to 65,536), with the captions' T5 embeddings when the model cross-attends to text. "
+         "On a GPU when one is visible.",
+         "storage precision of T5 embeddings"),
+    ):
+        encode = sub.add_parser(name, help=help_text, description=description)
+        encode.add_argument("--from", dest="src", required=True, help=f"video shard directory (from {sources})")
+        encode.add_argument("--out", required=True, help=f"{name[:-1]} shard directory")
+        encode.add_argument("--recipe", default="general")
+        encode.add_argument("--family", default=family, choices=["diffusion", "ar"])
+        encode.add_argument("--batch-size", type=int, default=4)
+        encode.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help=dtype_help)
+        encode.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., data.num_frames=...)")
     train_tok = sub.add_parser(
         "train-tokenizer", help="train the AR family's built-in FSQ tokenizer on sample data or video shards",
         description="Train the built-in FSQ video tokenizer of the recipe's model.tokenizer (path: null) with an L1 + MSE "
