@@ -17,21 +17,21 @@ LAYOUT = types.SimpleNamespace(tp=1, pp=1, cp=1, sequence_parallel=False, recomp
 FAMILIES = ["diffusion", "ar"]
 
 
-def _dit(std=0.05, seed=0):
+def _dit(std=0.05, seed=0, layout=LAYOUT):
     from nemo_ext.models.dit.config import DiTConfig
     from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
     from nemo_ext.models.world_model import WorldModel
 
     cfg = DiTConfig(num_layers=2, hidden_size=64, num_attention_heads=4, adaln_lora_dim=16, context_dim=32,
                     max_size=[8, 16, 16], attention_backend="math")
-    config = build_transformer_config(cfg, LAYOUT, torch.float32)
+    config = build_transformer_config(cfg, layout, torch.float32)
     torch.manual_seed(seed)
     model = WorldModel(config, CosmosDiT(config, cfg), _Conditioner(cfg.context_dim, cfg.hidden_size))
     _randomize(model, std, seed)
     return model
 
 
-def _ar(std=0.05, seed=0):
+def _ar(std=0.05, seed=0, layout=LAYOUT):
     from nemo_ext.models.ar.config import ARConfig
     from nemo_ext.models.ar.model import CosmosAR, build_transformer_config
     from nemo_ext.tokenizers.discrete import DiscreteTokenizerConfig
@@ -40,7 +40,7 @@ def _ar(std=0.05, seed=0):
                    max_size=[4, 8, 8], context_dim=32, cross_attention=True, bov_token=True, abs_pos_emb="sincos",
                    attention_backend="math", name="tiny", tokenizer=DiscreteTokenizerConfig(levels=[8, 5, 5, 5]))
     torch.manual_seed(seed)
-    model = CosmosAR(build_transformer_config(cfg, LAYOUT, torch.float32), cfg)
+    model = CosmosAR(build_transformer_config(cfg, layout, torch.float32), cfg)
     _randomize(model, std, seed)
     return model
 
@@ -67,8 +67,8 @@ def _randomize(model, std, seed):
             p.copy_(base + s * torch.randn(p.shape, generator=g))
 
 
-def _model(family):
-    return _dit() if family == "diffusion" else _ar()
+def _model(family, layout=LAYOUT):
+    return _dit(layout=layout) if family == "diffusion" else _ar(layout=layout)
 
 
 def _forward(family, model, seed=0):
@@ -250,3 +250,21 @@ def test_trainable_module_patterns_that_match_nothing_are_reported(megatron_worl
     assert freeze_base(model, ["conditioner", "net.final_layer", "no_such_module"]) == ["no_such_module"]
     assert all(p.requires_grad for p in model.net.final_layer.parameters())
     assert not any(p.requires_grad for p in model.net.patch_embed.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_recompute_gives_the_adapters_the_same_gradients(megatron_world, family):
+    """parallel.recompute=full re-runs each layer in backward (megatron's reentrant checkpoint): with
+    a frozen embedding its input has no grad, and the adapters inside must still get theirs."""
+    grads = {}
+    for recompute in (None, "full"):
+        model = _model(family, types.SimpleNamespace(**{**vars(LAYOUT), "recompute": recompute})).train()
+        _lora(model, family, trainable=())  # nothing outside the layers trains: the hardest case
+        _randomize_b(model)
+        _forward(family, model).square().mean().backward()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[None] and all(g is not None and g.abs().max() > 0 for g in grads[None].values())
+    assert sorted(grads["full"]) == sorted(grads[None])
+    for name, g in grads[None].items():
+        assert grads["full"][name] is not None, name
+        torch.testing.assert_close(grads["full"][name], g, rtol=1e-5, atol=1e-7, msg=name)

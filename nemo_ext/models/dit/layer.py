@@ -214,11 +214,18 @@ class DiTBlock(TransformerBlock):
         if not self.pre_process:
             hidden_states = self.input_tensor
         hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        if recompute and not hidden_states.requires_grad:
+            # A frozen embedding (strategy=lora) hands in a tensor without grad (make_viewless_tensor
+            # returns a non-view as it is). Megatron's reentrant checkpoint only back-propagates into
+            # its segment when an input requires grad: without this, every recomputed layer's
+            # adapters would get no gradient at all, silently.
+            hidden_states = hidden_states.detach().requires_grad_()
         args = (context, context_mask, rotary_pos_emb, timestep_emb, adaln_lora, extra_pos_emb)
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng:
             n = len(self.layers)
-            if self.config.recompute_granularity == "full" and self.training:
+            if recompute:
                 chunk = max(1, self.config.recompute_num_layers or 1)
                 if self.config.recompute_method == "block":
                     # Recompute the first `chunk` layers of this stage, keep activations of the rest.
