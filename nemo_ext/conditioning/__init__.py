@@ -14,8 +14,9 @@ class Conditioning:
 
     context:      [B, S_ctx, D_ctx] cross-attention tokens (T5 text; action tokens for the AR family)
     context_mask: [B, S_ctx] bool, True where a context token is valid (None: attend to all)
-    adaln:        [B, D] added to the timestep embedding (e.g. an action or camera summary)
-    adaln_lora:   [B, 3D] added to the AdaLN-LoRA vector
+    adaln:        [B, D] added to the timestep embedding (e.g. an action or camera summary), or
+                  [B, T, D]: one vector per latent frame (each frame's own actions)
+    adaln_lora:   [B, 3D] (or [B, T, 3D]) added to the AdaLN-LoRA vector
     channels:     [B, C_extra, T, H, W] concatenated to the latent input (patch embedding widened,
                   new columns zero-initialised)
     views:        number of views stacked on the time axis

@@ -6,8 +6,13 @@ the tokenizers' 8x time compression: 8 actions -> 9 frames = 1 conditioning fram
 token frame) + 8 predicted frames (the next latent / token frame).
 
 * diffusion (DiT, Video2World): the normalized action chunk -> MLP -> added to the timestep
-  embedding (``adaln`` [B, D]) and to the AdaLN-LoRA vector (``adaln_lora`` [B, 3D]); both heads are
-  zero-initialised, so step 0 of a post-trained model is the base model. The text context is zeros
+  embedding (``adaln``) and to the AdaLN-LoRA vector (``adaln_lora``); both heads are
+  zero-initialised, so step 0 of a post-trained model is the base model. With ``task.per_frame``
+  (default) every latent frame gets its own vector ([B, T, D], as Cosmos-Predict2's action model
+  adds actions to per-frame timestep embeddings): the MLP sees the causal prefix of the chunk, the
+  actions that led up to that frame (later ones zeroed; the given first frame sees none), so a frame's
+  displacement from the given frame is a linear function of its input. ``per_frame=false``: one
+  vector for the whole clip from all its actions ([B, D]). The text context is zeros
   (``task.instruction=false``) or the instruction's T5 embedding.
 * autoregressive: each normalized action -> MLP -> one cross-attention context token
   (``context`` [B, chunk, context_dim]); the first token frame (current frame) conditions, the
@@ -45,6 +50,8 @@ class ActionControlTaskConfig(TaskConfig):
     action_dim: int = 7
     chunk: int = 8  # actions per clip = data.num_frames - 1
     hidden: int = 256  # width of the action MLP
+    # diffusion: one AdaLN vector per latent frame from the actions up to it (false: one per clip)
+    per_frame: bool = True
     # Use the clip's instruction (caption) as text; false = the text context is zeros.
     instruction: bool = False
     # Normalization; null = read action_stats.json beside the (first) training shards, else identity.
@@ -125,10 +132,20 @@ class DiTActionConditioner(ActionEncoder):
             nn.init.zeros_(head.bias)
         self.instruction = task_cfg.instruction
         self.context_shape = (model_cfg.text_encoder.max_length, model_cfg.context_dim)
+        self.per_frame = task_cfg.per_frame
+        self.frames_per_latent = model_cfg.tokenizer.temporal_compression
+
+    def causal_prefixes(self, a: torch.Tensor) -> torch.Tensor:
+        """[B, chunk, A] -> [B, T, chunk * A]: latent frame k (1 + chunk / temporal_compression of
+        them) sees the first k * temporal_compression actions, the rest zeroed."""
+        latent_frames = 1 + self.chunk // self.frames_per_latent
+        seen = torch.arange(latent_frames, device=a.device)[:, None] * self.frames_per_latent
+        mask = (torch.arange(self.chunk, device=a.device)[None, :] < seen).to(a.dtype)  # [T, chunk]
+        return (a[:, None] * mask[None, :, :, None]).flatten(2)
 
     def forward(self, batch: dict) -> Conditioning:
         a = self.normalized(batch)
-        h = self.mlp(a.flatten(1))
+        h = self.mlp(self.causal_prefixes(a) if self.per_frame else a.flatten(1))
         context, mask = batch.get("context"), batch.get("context_mask")
         if context is None:  # no instruction: attend to a zero context
             context = torch.zeros(a.shape[0], *self.context_shape, dtype=a.dtype, device=a.device)

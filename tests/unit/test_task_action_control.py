@@ -24,7 +24,8 @@ def _dit():
                      max_size=[8, 32, 32], attention_backend="math", video2world=True, condition_latent_frames=1)
 
 
-def test_dit_step_zero_is_the_base_model_and_the_actions_reach_adaln(megatron_world):
+@pytest.mark.parametrize("per_frame", [True, False])
+def test_dit_step_zero_is_the_base_model_and_the_actions_reach_adaln(megatron_world, per_frame):
     from nemo_ext.conditioning import Conditioning
     from nemo_ext.models.dit.model import CosmosDiT, build_transformer_config
 
@@ -35,20 +36,40 @@ def test_dit_step_zero_is_the_base_model_and_the_actions_reach_adaln(megatron_wo
     with torch.no_grad():  # a "pretrained" base: the DiT's own zero-initialised output layers made non-zero
         for p in net.parameters():
             p.normal_(std=0.05)
-    task = ActionControlTaskConfig(action_dim=7, chunk=8, hidden=32)
+    task = ActionControlTaskConfig(action_dim=7, chunk=8, hidden=32, per_frame=per_frame)
     cond = build_conditioner(task, cfg)
     x, t = torch.randn(2, 16, 2, 8, 8), torch.rand(2)
     mask = torch.zeros(2, 1, 2, 8, 8)
     mask[:, :, :1] = 1
     batch = {"actions": torch.randn(2, 8, 7)}
     c = cond(batch)
-    assert c.adaln.shape == (2, 64) and c.adaln_lora.shape == (2, 192) and c.context.abs().sum() == 0
+    lead = (2, 2) if per_frame else (2,)  # per latent frame (2 of them: 9 frames / 8x time) or per clip
+    assert c.adaln.shape == (*lead, 64) and c.adaln_lora.shape == (*lead, 192) and c.context.abs().sum() == 0
     base = net(x, t, Conditioning(context=torch.zeros(2, cfg.text_encoder.max_length, 32)), condition_mask=mask)
     with_actions = net(x, t, c, condition_mask=mask)
-    assert base.abs().max() > 0 and torch.equal(base, with_actions)  # zero-initialised heads: exactly the base model
+    # zero-initialised heads: the base model (per frame up to rounding: per-token GEMMs instead of one row)
+    assert base.abs().max() > 0 and torch.allclose(base, with_actions, rtol=0, atol=0 if not per_frame else 1e-6)
     torch.nn.init.normal_(cond.to_adaln.weight, std=0.1)  # once trained, the actions change the output
     other = net(x, t, cond({"actions": torch.randn(2, 8, 7)}), condition_mask=mask)
     assert not torch.allclose(net(x, t, cond(batch), condition_mask=mask), other)
+
+
+def test_per_frame_actions_are_causal_prefixes():
+    """Latent frame k sees the first k * temporal_compression actions: the given frame none, the
+    last frame all; a change to a late action leaves the earlier frames' vectors unchanged."""
+    cfg = _dit()
+    cfg.tokenizer.temporal_compression = 2  # 8 actions -> 4 predicted latent frames of 2 frames each
+    cond = build_conditioner(ActionControlTaskConfig(action_dim=3, chunk=8, hidden=16), cfg)
+    a = torch.randn(2, 8, 3)
+    prefixes = cond.causal_prefixes(a).unflatten(2, (8, 3))  # [B, T, chunk, A]
+    assert prefixes.shape == (2, 5, 8, 3)
+    for k in range(5):
+        assert torch.equal(prefixes[:, k, : 2 * k], a[:, : 2 * k]) and prefixes[:, k, 2 * k:].abs().sum() == 0
+    torch.nn.init.normal_(cond.to_adaln.weight)
+    late = a.clone()
+    late[:, 6] += 1.0  # the transition 6 -> 7 belongs to latent frame 4 (frames 7-8)
+    before, after = cond({"actions": a}).adaln, cond({"actions": late}).adaln
+    assert torch.equal(before[:, :4], after[:, :4]) and not torch.allclose(before[:, 4], after[:, 4])
 
 
 def test_ar_action_tokens_are_a_cross_attention_context():

@@ -189,13 +189,13 @@ class CosmosDiT(MegatronModule):
         else:
             adaln_lora, temb = adaln_lora[None], temb[None]
         if cond.adaln is not None:
-            temb = temb + cond.adaln.to(temb.dtype)
+            temb = temb + self._conditioning_vector(cond.adaln, b, grid).to(temb.dtype)
         if cond.adaln_lora is not None:
-            adaln_lora = adaln_lora + cond.adaln_lora.to(adaln_lora.dtype)
+            adaln_lora = adaln_lora + self._conditioning_vector(cond.adaln_lora, b, grid).to(adaln_lora.dtype)
         # Token-dimension tensors are cut to this rank's tokens: its context-parallel chunk and,
         # under sequence parallelism, its tensor-parallel sub-chunk (see parallel_utils).
-        if temb.shape[0] == s:
-            temb, adaln_lora = local_tokens(temb, sp), local_tokens(adaln_lora, sp)
+        if s in (temb.shape[0], adaln_lora.shape[0]):  # per token (either one may still be shared)
+            temb, adaln_lora = (local_tokens(v.expand(s, -1, -1), sp) for v in (temb, adaln_lora))
         # RoPE of this CP rank's tokens (the projections gather the TP sub-chunks back first).
         rotary = local_tokens(self.rope(grid, fps=fps, device=x.device), False)
         pos = None
@@ -244,6 +244,19 @@ class CosmosDiT(MegatronModule):
                 out, tensor_parallel_output_grad=False, group=parallel_state.get_context_parallel_group()
             )
         return unpatchify(out, grid, self.patch_size)
+
+    def _conditioning_vector(self, v: torch.Tensor, b: int, grid) -> torch.Tensor:
+        """A task's AdaLN vector: [B, D] for the whole clip -> [1, B, D]; [B, T, D], one per latent
+        frame -> [S, B, D] per token (a temporal patch of several latent frames takes their mean)."""
+        if v.dim() == 2:
+            return v[None]
+        pt = self.patch_size[0]
+        if v.dim() != 3 or v.shape[0] != b or v.shape[1] != grid[0] * pt:
+            raise ValueError(f"a per-frame conditioning vector must be [B={b}, T={grid[0] * pt} latent frames, D], "
+                             f"got {tuple(v.shape)}")
+        if pt > 1:
+            v = v.unflatten(1, (grid[0], pt)).mean(2)
+        return self._per_token(v.contiguous(), b, grid)
 
     @staticmethod
     def _per_token(v: torch.Tensor, b: int, grid) -> torch.Tensor:
