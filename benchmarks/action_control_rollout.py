@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="result file stem (default: action_control_<family>_<hw>_<date>)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--commit", default=None, help="commit to record (default: this checkout's HEAD)")
+    p.add_argument("--post-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for the post-training only (repeatable), e.g. model.edm.p_mean=0.0: "
+                   "noise levels where the actions decide the frame (high sigma) trained more often")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for both trainings (e.g. model.num_layers=8)")
     args = p.parse_args(argv)
 
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
     post_run = work / "runs" / "action_control" / f"{family}_{model}" / "post"
     cmd = [py, "-m", "nemo_ext.cli.train", "--recipe", "action_control", *common, "run_name=post",
            "task.instruction=true", f"trainer.init_from={base_run}", f"trainer.max_steps={args.post_steps}",
-           "trainer.checkpoint_every_n_steps=500"]
+           "trainer.checkpoint_every_n_steps=500", *args.post_set]
     stages["post"] = {"command": " ".join(cmd), "seconds": _run(cmd, work / "post.log"),
                       "last": _last_metrics(post_run)}
 
