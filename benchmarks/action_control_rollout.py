@@ -90,6 +90,10 @@ def _eval_summary(report: dict) -> dict:
     ctrl = report.get("ground_truth_control")
     if ctrl:
         out["ground_truth_control"] = {k: ctrl[k] for k in ("psnr_true_actions", "psnr_shuffled_actions", "psnr_gap_db")}
+    ceiling = report.get("tokenizer_ceiling")
+    if ceiling:
+        out["tokenizer_ceiling"] = {k: ceiling[k] for k in ("psnr_true_actions", "psnr_shuffled_actions", "psnr_gap_db")
+                                    if k in ceiling}
     return out
 
 
@@ -109,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="global batch (one micro-batch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
     p.add_argument("--sampler-steps", type=int, default=20, help="diffusion: EDM sampler steps per chunk")
+    p.add_argument("--eval-batch", type=int, default=4, help="episodes rolled out together (eval --batch-size)")
+    p.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
+                   help="an extra argument of every evaluation (repeatable), e.g. --eval-arg=--temperature=0.7")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--name", default=None, help="result file stem (default: action_control_<family>_<hw>_<date>)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -153,7 +160,9 @@ def main(argv=None) -> int:
         cmd = [py, "-m", "nemo_ext.cli.prep", "train-tokenizer", "--recipe", "action_control", "--family", "ar",
                "--out", str(weights), "--data", str(world), "--val-data", str(world) + "_val",
                "--steps", str(args.tokenizer_steps), "--batch-size", str(args.batch), "--no-progress",
-               f"model={model}", "data.num_frames=9"]
+               f"model={model}", "data.num_frames=9",
+               # the tokenizer's own overrides must shape the trained weights too
+               *[o for o in args.overrides if o.startswith("model.tokenizer.")]]
         done = weights.is_file()  # an earlier call of this script trained it (the stages resume)
         stages["tokenizer"] = {"command": " ".join(cmd), "seconds": 0.0 if done else _run(cmd, work / "tokenizer.log")}
         stages["tokenizer"]["log_tail"] = (work / "tokenizer.log").read_text().strip().splitlines()[-3:]
@@ -182,7 +191,8 @@ def main(argv=None) -> int:
     for name, flags in plans.items():
         out_dir = work / "eval" / name
         cmd = [py, "-m", "nemo_ext.cli.eval", "--ckpt", str(post_run), "--episodes", str(args.episodes),
-               "--out", str(out_dir), "--no-progress", "--videos", "2", *extra, *flags]
+               "--out", str(out_dir), "--no-progress", "--videos", "2", "--batch-size", str(args.eval_batch),
+               *extra, *args.eval_arg, *flags]
         seconds = _run(cmd, work / f"eval_{name}.log")
         report = json.loads((out_dir / "report.json").read_text())
         evals[name] = {"command": " ".join(cmd), "seconds": seconds, **_eval_summary(report)}
@@ -198,6 +208,10 @@ def main(argv=None) -> int:
         "teacher_forced_loss_true": evals["post_episode_swap"]["teacher_forced"]["loss_true"],
         "teacher_forced_loss_swapped": evals["post_episode_swap"]["teacher_forced"]["loss_shuffled"],
     }
+    if "tokenizer_ceiling" in evals["post_episode_swap"]:  # a perfect model with this tokenizer
+        ceiling = evals["post_episode_swap"]["tokenizer_ceiling"]
+        headline["psnr_tokenizer_ceiling_db"] = ceiling["psnr_true_actions"]
+        headline["psnr_tokenizer_ceiling_episode_swapped_db"] = ceiling.get("psnr_shuffled_actions")
     hw = _hardware()
     hw_tag = (hw.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")
     date = datetime.date.today().isoformat()

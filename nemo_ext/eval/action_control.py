@@ -476,6 +476,28 @@ def code_metric(run) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], np.nda
     return "latent_l2", latent_l2
 
 
+def tokenizer_roundtrip(run) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn(clips [B, 3, 1 + chunk, H, W] in [-1, 1]) -> decode(encode(clips)) [B, 3, chunk, H, W]: what
+    the run's tokenizer keeps of the predicted frames (a model that predicts the codes of the true
+    future perfectly decodes exactly this)."""
+    tok, device = run.module.tokenizer, run.device
+
+    @torch.no_grad()
+    def roundtrip(clips: torch.Tensor) -> torch.Tensor:
+        return tok.decode(tok.encode(clips.to(device)))[:, :, 1:].float().cpu()
+
+    return roundtrip
+
+
+def _roundtrip_chunks(roundtrip: Callable, video: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``video`` [B, 3, 1 + K * chunk, H, W] with every chunk replaced by its tokenizer round trip
+    from the last frame before it (as the rollout conditions on it); frame 0 kept."""
+    parts = [video[:, :, :1]]
+    for j in range((video.shape[2] - 1) // chunk):
+        parts.append(roundtrip(video[:, :, j * chunk: (j + 1) * chunk + 1]))
+    return torch.cat(parts, dim=2)
+
+
 # ------------------------------------------------------------------------------------------------
 # The evaluation
 # ------------------------------------------------------------------------------------------------
@@ -496,9 +518,11 @@ class Rollouts:
 def evaluate_rollouts(predict: Predictor, episodes: Sequence[Episode], chunk: int, *, chunks: Optional[int] = None,
                       shuffle: str = "time", shuffle_seed: int = 0, batch_size: int = 4,
                       code_fn: Optional[tuple[str, Callable]] = None, simulator: Optional[Predictor] = None,
-                      videos: int = 0, progress: bool = False) -> Rollouts:
+                      roundtrip: Optional[Callable] = None, videos: int = 0, progress: bool = False) -> Rollouts:
     """Roll ``predict`` out over ``episodes`` with their true and their shuffled actions; metrics vs
-    the episodes' frames; with ``simulator``, the ground-truth control under the shuffled actions."""
+    the episodes' frames; with ``simulator``, the ground-truth control under the shuffled actions;
+    with ``roundtrip`` (:func:`tokenizer_roundtrip`), the tokenizer's ceiling: the episodes' frames
+    (and the simulator's shuffled-action replay) through the tokenizer, chunk by chunk."""
     from tqdm import tqdm
 
     from nemo_ext.eval.generation import to_frames
@@ -539,19 +563,26 @@ def evaluate_rollouts(predict: Predictor, episodes: Sequence[Episode], chunk: in
                 outs["control"] = rollout(simulator, gt[:, :, 0], shuffled[s:s + batch_size], chunk, bid, bar.update)
                 outs["control_true"] = rollout(simulator, gt[:, :, 0], true[s:s + batch_size], chunk, bid, bar.update)
                 secs["ground_truth_control"] += time.perf_counter() - t0
+            if roundtrip is not None:
+                t0 = time.perf_counter()
+                outs["ceiling"] = _roundtrip_chunks(roundtrip, gt, chunk)
+                if simulator is not None:
+                    outs["ceiling_shuffled"] = _roundtrip_chunks(roundtrip, outs["control"], chunk)
+                secs["tokenizer_ceiling"] = secs.get("tokenizer_ceiling", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             for name, video in outs.items():
                 p, q = frame_metrics(video[:, :, 1:], gt[:, :, 1:])
                 parts.setdefault(f"psnr_{name}", []).append(p)
                 parts.setdefault(f"ssim_{name}", []).append(q)
-                if code_fn is not None and not name.startswith("control"):
+                if code_fn is not None and name in ("pred", "shuffled"):
                     per_chunk = [code_fn[1](video[:, :, j * chunk: (j + 1) * chunk + 1],
                                             gt[:, :, j * chunk: (j + 1) * chunk + 1]) for j in range(k)]
                     parts.setdefault(f"{code_name}_{name}", []).append(np.stack(per_chunk, axis=1))
             secs["metrics"] += time.perf_counter() - t0
             for row, i in enumerate(bid):
                 if len(vids) < videos:
-                    vids[i] = {name: to_frames(v[row]) for name, v in (("gt", gt), *outs.items())}
+                    vids[i] = {name: to_frames(outs[name][row] if name != "gt" else gt[row])
+                               for name in ("gt", "pred", "shuffled")}
     finally:
         bar.close()
     metrics = {name: np.concatenate(chunks_, axis=0) for name, chunks_ in parts.items()}
@@ -641,6 +672,21 @@ def summarize(r: Rollouts, episodes: Sequence[Episode], threshold_db: float = DE
             "psnr_gap_ci95": perfect["psnr_gap_ci95"],
             "ssim_gap": perfect["ssim_gap"],
         }
+    ceiling = None
+    if "psnr_ceiling" in m:
+        ceiling = {
+            "what": "the episodes' frames through the run's tokenizer (encode -> decode, chunk by chunk from the "
+                    "frame before it): the best rollout any model with this tokenizer can score; with the "
+                    "simulator, its shuffled-action replay through the tokenizer: the gap such a model would show",
+            "psnr_true_actions": float(np.minimum(m["psnr_ceiling"], PSNR_CAP).mean()),
+            "ssim_true_actions": float(m["ssim_ceiling"].mean()),
+        }
+        if "psnr_ceiling_shuffled" in m:
+            gap = action_sensitivity(m["psnr_ceiling"], m["psnr_ceiling_shuffled"], m["ssim_ceiling"],
+                                     m["ssim_ceiling_shuffled"], threshold_db, seed)
+            ceiling.update(psnr_shuffled_actions=float(np.minimum(m["psnr_ceiling_shuffled"], PSNR_CAP).mean()),
+                           ssim_shuffled_actions=float(m["ssim_ceiling_shuffled"].mean()),
+                           psnr_gap_db=gap["psnr_gap_db"], psnr_gap_ci95=gap["psnr_gap_ci95"], ssim_gap=gap["ssim_gap"])
     per_episode = []
     for row, ep in enumerate(episodes):
         item = {"key": ep.key, "index": ep.index, "num_frames": ep.num_frames,
@@ -654,7 +700,7 @@ def summarize(r: Rollouts, episodes: Sequence[Episode], threshold_db: float = DE
             item["psnr_ground_truth_shuffled"] = float(np.minimum(m["psnr_control"][row], PSNR_CAP).mean())
         per_episode.append(item)
     return {"per_step": per_step, "per_chunk": per_chunk, "means": means, "action_sensitivity": sens,
-            "ground_truth_control": control, "episodes": per_episode}
+            "ground_truth_control": control, "tokenizer_ceiling": ceiling, "episodes": per_episode}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -757,6 +803,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="episodes rolled out together")
     g.add_argument("--videos", type=int, default=2, help="rollout mp4s to write (the first N episodes)")
     g.add_argument("--no-control", action="store_true", help="skip the simulator's ground-truth control")
+    g.add_argument("--no-ceiling", action="store_true",
+                   help="skip the tokenizer ceiling (the ground truth through the tokenizer)")
     d = p.add_argument_group("diffusion")
     d.add_argument("--sampler-steps", type=int, default=35, help="EDM sampler steps per chunk")
     d.add_argument("--solver", default="heun", choices=["heun", "euler"])
@@ -809,7 +857,8 @@ def run_eval(args) -> int:
             simulator = SimulatorPredictor(episodes, cfg.data.height, cfg.data.width, cfg.data.resize_mode)
         result = evaluate_rollouts(predictor, episodes, cfg.task.chunk, chunks=args.steps, shuffle=args.shuffle,
                                    shuffle_seed=args.shuffle_seed, batch_size=args.batch_size, code_fn=code_metric(run),
-                                   simulator=simulator, videos=args.videos, progress=not args.no_progress)
+                                   simulator=simulator, roundtrip=None if args.no_ceiling else tokenizer_roundtrip(run),
+                                   videos=args.videos, progress=not args.no_progress)
         t0 = time.perf_counter()
         n = result.chunks * result.chunk
         ids = [ep.index for ep in episodes]
@@ -906,6 +955,11 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         print(f"ground-truth control (simulator): PSNR {ctrl['psnr_true_actions']:.3f} dB with the true actions, "
               f"{ctrl['psnr_shuffled_actions']:.3f} dB with the shuffled ones (a perfect model's gap: "
               f"{ctrl['psnr_gap_db']:.3f} dB)")
+    ceil = report.get("tokenizer_ceiling")
+    if ceil:
+        print(f"tokenizer ceiling (ground truth through the tokenizer): PSNR {ceil['psnr_true_actions']:.3f} dB"
+              + (f", simulator's shuffled replay {ceil['psnr_shuffled_actions']:.3f} dB (gap {ceil['psnr_gap_db']:.3f} dB)"
+                 if "psnr_gap_db" in ceil else ""))
     t = report["timings"]
     print(f"timing: load {t['load_s']:.2f} s, rollouts {t['rollout_true_s'] + t['rollout_shuffled_s']:.2f} s, "
           f"total {t['total_s']:.2f} s (device {t['device']})")

@@ -57,7 +57,7 @@ def decode(path):
 def check_outputs(out_dir, episodes, chunks, code):
     report = json.loads((out_dir / "report.json").read_text())
     for key in ("task", "family", "model", "checkpoint", "step", "config", "per_step", "per_chunk", "means",
-                "action_sensitivity", "ground_truth_control", "episodes", "timings", "outputs"):
+                "action_sensitivity", "ground_truth_control", "tokenizer_ceiling", "episodes", "timings", "outputs"):
         assert key in report, key
     frames = chunks * CHUNK
     steps = report["per_step"]
@@ -87,6 +87,9 @@ def test_diffusion_eval_cli(runs):
     report = check_outputs(out_dir, episodes=2, chunks=2, code="latent_l2")
     assert report["family"] == "diffusion" and report["config"]["split"] == "val"
     assert "space_to_depth" in report["tokenizer"]
+    ceiling = report["tokenizer_ceiling"]  # space-to-depth is exactly invertible: a perfect model is perfect
+    assert ceiling["psnr_true_actions"] == report["config"]["psnr_cap_db"]
+    assert ceiling["psnr_shuffled_actions"] == pytest.approx(report["ground_truth_control"]["psnr_shuffled_actions"], abs=1e-3)
     assert report["timings"]["model_calls"] == 2 * 2 * (2 * 2 - 1)  # (true, shuffled) x chunks x Heun calls
     teacher = report["action_sensitivity"]["teacher_forced"]
     assert teacher["clips"] == 4 and len(teacher["per_episode_gap"]) == 2

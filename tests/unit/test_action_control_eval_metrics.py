@@ -122,6 +122,39 @@ def test_the_simulator_is_action_sensitive_and_a_blind_model_is_not():
     assert len(bs["per_step"]["psnr_ground_truth_shuffled"]) == 8
 
 
+def test_tokenizer_ceiling_is_the_ground_truth_through_the_round_trip():
+    """The ceiling rolls each chunk (with the frame before it) through the tokenizer's round trip:
+    an exact one gives the cap, a lossy one (2x2 average pooling) a finite PSNR, the same on every
+    chunk; the shuffled replay through it keeps the simulator's gap."""
+    eps = _episodes()
+    sim = ac.SimulatorPredictor(eps, SIZE, SIZE)
+    seen = []
+
+    def exact(clips):
+        seen.append(tuple(clips.shape))
+        return clips[:, :, 1:].clone()
+
+    def pooled(clips):
+        b, c, f, h, w = clips.shape
+        x = torch.nn.functional.avg_pool2d(clips.movedim(2, 1).reshape(b * f, c, h, w), 2)
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        return x.reshape(b, f, c, h, w).movedim(1, 2)[:, :, 1:]
+
+    r = ac.evaluate_rollouts(blind, eps, chunk=8, shuffle="episodes", simulator=sim, roundtrip=exact)
+    assert seen and all(shape[2] == 1 + 8 for shape in seen)  # each chunk with the frame before it
+    ceiling = ac.summarize(r, eps)["tokenizer_ceiling"]
+    control = ac.summarize(r, eps)["ground_truth_control"]
+    assert ceiling["psnr_true_actions"] == ac.PSNR_CAP
+    assert ceiling["psnr_shuffled_actions"] == pytest.approx(control["psnr_shuffled_actions"])
+
+    lossy = ac.summarize(ac.evaluate_rollouts(blind, eps, chunk=8, simulator=sim, roundtrip=pooled), eps)
+    ceiling = lossy["tokenizer_ceiling"]
+    assert 10 < ceiling["psnr_true_actions"] < ac.PSNR_CAP
+    assert ceiling["psnr_shuffled_actions"] < ceiling["psnr_true_actions"] and ceiling["psnr_gap_db"] > 1
+    no_sim = ac.summarize(ac.evaluate_rollouts(blind, eps, chunk=8, roundtrip=pooled), eps)["tokenizer_ceiling"]
+    assert no_sim["psnr_true_actions"] == pytest.approx(ceiling["psnr_true_actions"]) and "psnr_gap_db" not in no_sim
+
+
 def test_verdicts_from_gaps():
     rng = np.random.default_rng(0)
     base = rng.uniform(15, 20, size=(6, 8))
