@@ -229,7 +229,9 @@ def action_control_rows(name: str, res: dict) -> list[dict]:
     return [{"item": "action_control rollout", "setting": res.get("what", name), "hw": _gpu(res),
              "ours": f"{h['psnr_post_true_db']:.2f} dB (true actions)",
              "reference": f"{h['psnr_post_episode_swapped_db']:.2f} dB swapped, "
-                          f"{h['psnr_post_time_shuffled_db']:.2f} dB time-shuffled, base {h['psnr_base_db']:.2f} dB",
+                          f"{h['psnr_post_time_shuffled_db']:.2f} dB time-shuffled, base {h['psnr_base_db']:.2f} dB"
+                          + (f"; tokenizer ceiling {h['psnr_tokenizer_ceiling_db']:.2f} dB"
+                             if h.get("psnr_tokenizer_ceiling_db") is not None else ""),
              "ratio": f"gap {gap:+.2f} dB ({h['verdict_episode_swap']})", "target": "clearly above shuffled",
              "met": "yes" if h["verdict_episode_swap"] == "learned" else "**no**", "file": name}]
 

@@ -124,6 +124,10 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: str = "constant"  # constant | cosine | linear
     decay_steps: Optional[int] = None  # null = trainer.max_steps
+    # torch's fused Adam kernel for megatron's Adam when it falls back to torch's optimizer (no apex /
+    # transformer-engine): one pass over the fp32 main params instead of the multi-tensor (foreach)
+    # implementation's several (false: that one, torch's default).
+    fused: bool = True
 
 
 @dataclass

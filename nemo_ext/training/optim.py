@@ -60,10 +60,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
     def _torch_adams_of_distributed_optimizers(self):
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-        for opt in getattr(self.mcore, "chained_optimizers", [self.mcore]):
-            inner = getattr(opt, "optimizer", None)
-            if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
-                yield inner
+        return (inner for opt, inner in _torch_adams(self.mcore) if isinstance(opt, DistributedOptimizer))
 
     def _unshare_adam_steps(self) -> None:
         """megatron-core 0.19's distributed optimizer restores torch Adam's per-parameter ``step``
@@ -96,7 +93,9 @@ class MegatronOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     state = inner.state[p]
                     if not state:
-                        state["step"] = torch.tensor(0.0)
+                        # the fused kernel wants its step counter on the parameter's device
+                        state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                                         if group.get("fused") else torch.tensor(0.0))
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -121,8 +120,32 @@ def build_optimizer(optim_cfg, parallel_cfg, model_chunks, dtype: torch.dtype) -
         overlap_param_gather=parallel_cfg.overlap_param_gather,
     )
     mcore = get_megatron_optimizer(config, model_chunks)
+    if optim_cfg.fused:
+        _use_fused_torch_adam(mcore)
     _patch_torch_adam_step_on_load(mcore)
     return MegatronOptimizer(mcore)
+
+
+def _torch_adams(mcore):
+    """(megatron optimizer, its torch Adam(W)) for each part of megatron's (chained) optimizer that
+    wraps one: megatron builds torch's when neither apex nor transformer-engine is installed."""
+    for opt in getattr(mcore, "chained_optimizers", [mcore]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            yield opt, inner
+
+
+def _use_fused_torch_adam(mcore) -> None:
+    """Switch megatron's torch Adam(W) to torch's fused kernel (megatron constructs it with the
+    default multi-tensor implementation and offers no switch). The fused step keeps its ``step``
+    counters as float32 tensors on the parameters' device; ``Optimizer.load_state_dict`` moves
+    restored ones there for fused groups."""
+    for _, inner in _torch_adams(mcore):
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not params or not all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
+            continue
+        for group in (inner.defaults, *inner.param_groups):
+            group["fused"], group["foreach"] = True, False
 
 
 def _patch_torch_adam_step_on_load(mcore) -> None:
