@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _ddp(distributed_optimizer: bool, seed: int = 0):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -24,7 +26,7 @@ def _ddp(distributed_optimizer: bool, seed: int = 0):
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
     torch.manual_seed(seed)
-    net = Net(config)
+    net = Net(config).to(DEVICE)  # where megatron_world put the process group (the GPU when there is one)
     return net, DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), net)
 
@@ -44,7 +46,7 @@ def _steps(net, ddp, opt, steps, start=0):
         g = torch.Generator().manual_seed(step)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        ddp(torch.randn(16, 8, generator=g)).pow(2).mean().backward()
+        ddp(torch.randn(16, 8, generator=g).to(DEVICE)).pow(2).mean().backward()
         finalize_model_grads([ddp])
         assert opt.step()
     return {n: p.detach().clone() for n, p in net.named_parameters()}
