@@ -16,7 +16,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
 class MegatronOptimizer(torch.optim.Optimizer):
-    def __init__(self, mcore_optimizer):
+    def __init__(self, mcore_optimizer, fused: bool = False):
         # torch.optim.Optimizer.__init__ needs params; we delegate everything to megatron's.
         self.mcore = mcore_optimizer
         self.defaults = {}
@@ -29,6 +29,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = {}
         self.last_grad_norm: Optional[float] = None
         self.last_update_ok = True
+        self.fused = fused  # optim.fused: keep torch's fused Adam kernel across load_state_dict
 
     @property
     def param_groups(self):
@@ -55,6 +56,10 @@ class MegatronOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self.mcore.load_state_dict(state_dict)
+        if self.fused:
+            # torch's load_state_dict takes the param groups' flags from the checkpoint: one saved
+            # by the multi-tensor implementation would silently turn the fused kernel off
+            _use_fused_torch_adam(self.mcore)
         self._unshare_adam_steps()
 
     def _torch_adams_of_distributed_optimizers(self):
@@ -66,11 +71,15 @@ class MegatronOptimizer(torch.optim.Optimizer):
         """megatron-core 0.19's distributed optimizer restores torch Adam's per-parameter ``step``
         as ONE tensor shared by every parameter; Adam increments it in place per parameter, so
         after a resume the bias correction used step counts far too high (measured: updates 20-80%
-        too small at the first resumed step). Give every parameter its own copy."""
-        for inner in self._torch_adams_of_distributed_optimizers():
-            for state in inner.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
+        too small at the first resumed step). Give every parameter its own copy (for a fused group:
+        float32 on the parameter's device, where the fused kernel reads it)."""
+        for _, inner in _torch_adams(self.mcore):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    step = inner.state.get(p, {}).get("step")
+                    if isinstance(step, torch.Tensor):
+                        inner.state[p]["step"] = (step.to(torch.float32, copy=True).to(p.device)
+                                                  if group.get("fused") else step.clone())
 
     # The distributed optimizer's state in the canonical per-parameter layout, so its
     # checkpoints reshard across TP/PP/DP sizes (megatron's dp_reshardable would fix TP/PP).
@@ -123,7 +132,7 @@ def build_optimizer(optim_cfg, parallel_cfg, model_chunks, dtype: torch.dtype) -
     if optim_cfg.fused:
         _use_fused_torch_adam(mcore)
     _patch_torch_adam_step_on_load(mcore)
-    return MegatronOptimizer(mcore)
+    return MegatronOptimizer(mcore, fused=optim_cfg.fused)
 
 
 def _torch_adams(mcore):

@@ -94,7 +94,8 @@ def test_fused_adam_state_survives_a_save_and_load(megatron_world):
         net2.load_state_dict(weights)
         opt2 = _optimizer(ddp2, False, True)
         opt2.load_state_dict(state)
-        for adam in _inner_adams(opt2):
+        for adam in _inner_adams(opt2):  # still fused, whatever saved the state, counters where the kernel reads them
+            assert all(g["fused"] for g in adam.param_groups)
             assert all(s["step"].device == p.device and s["step"].dtype == torch.float32 for p, s in adam.state.items())
         got = _steps(net2, ddp2, opt2, 2, start=2)
         for name, value in expected.items():
