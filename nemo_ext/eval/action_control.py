@@ -627,6 +627,20 @@ def _mean(x: np.ndarray, cap: bool = False) -> list:
     return x.mean(axis=0).tolist()
 
 
+def _reference_means(m: dict, true: str, shuffled: Optional[str], threshold_db: float, seed: int) -> dict:
+    """Mean PSNR (capped) / SSIM of a reference rollout ``true`` (e.g. the simulator) and, when
+    given, of its shuffled-action twin with the gap between them."""
+    out = {"psnr_true_actions": float(np.minimum(m[f"psnr_{true}"], PSNR_CAP).mean()),
+           "ssim_true_actions": float(m[f"ssim_{true}"].mean())}
+    if shuffled is not None:
+        gap = action_sensitivity(m[f"psnr_{true}"], m[f"psnr_{shuffled}"], m[f"ssim_{true}"], m[f"ssim_{shuffled}"],
+                                 threshold_db, seed)
+        out.update(psnr_shuffled_actions=float(np.minimum(m[f"psnr_{shuffled}"], PSNR_CAP).mean()),
+                   ssim_shuffled_actions=float(m[f"ssim_{shuffled}"].mean()), psnr_gap_db=gap["psnr_gap_db"],
+                   psnr_gap_ci95=gap["psnr_gap_ci95"], ssim_gap=gap["ssim_gap"])
+    return out
+
+
 def summarize(r: Rollouts, episodes: Sequence[Episode], threshold_db: float = DEFAULT_THRESHOLD_DB,
               seed: int = 0) -> dict:
     """The metric part of the report: per-step means, overall means, per-episode means,
@@ -658,19 +672,11 @@ def summarize(r: Rollouts, episodes: Sequence[Episode], threshold_db: float = DE
         sens[f"{code}_gap_note"] = ("true minus shuffled" if sign > 0 else "shuffled minus true") + ": positive = the true actions do better"
     control = None
     if "psnr_control" in m:
-        perfect = action_sensitivity(m["psnr_control_true"], m["psnr_control"], m["ssim_control_true"],
-                                     m["ssim_control"], threshold_db, seed)
         control = {
             "what": "the simulator (data_prep.sample_world.render_action_episode) replaying each episode under the "
                     "shuffled actions (and, as a reference, the true ones) vs the episode's decoded frames: how "
                     "different the shuffled future really is, i.e. the gap a perfect model would show",
-            "psnr_shuffled_actions": float(np.minimum(m["psnr_control"], PSNR_CAP).mean()),
-            "ssim_shuffled_actions": float(m["ssim_control"].mean()),
-            "psnr_true_actions": float(np.minimum(m["psnr_control_true"], PSNR_CAP).mean()),
-            "ssim_true_actions": float(m["ssim_control_true"].mean()),
-            "psnr_gap_db": perfect["psnr_gap_db"],
-            "psnr_gap_ci95": perfect["psnr_gap_ci95"],
-            "ssim_gap": perfect["ssim_gap"],
+            **_reference_means(m, "control_true", "control", threshold_db, seed),
         }
     ceiling = None
     if "psnr_ceiling" in m:
@@ -678,15 +684,9 @@ def summarize(r: Rollouts, episodes: Sequence[Episode], threshold_db: float = DE
             "what": "the episodes' frames through the run's tokenizer (encode -> decode, chunk by chunk from the "
                     "frame before it): the best rollout any model with this tokenizer can score; with the "
                     "simulator, its shuffled-action replay through the tokenizer: the gap such a model would show",
-            "psnr_true_actions": float(np.minimum(m["psnr_ceiling"], PSNR_CAP).mean()),
-            "ssim_true_actions": float(m["ssim_ceiling"].mean()),
+            **_reference_means(m, "ceiling", "ceiling_shuffled" if "psnr_ceiling_shuffled" in m else None,
+                               threshold_db, seed),
         }
-        if "psnr_ceiling_shuffled" in m:
-            gap = action_sensitivity(m["psnr_ceiling"], m["psnr_ceiling_shuffled"], m["ssim_ceiling"],
-                                     m["ssim_ceiling_shuffled"], threshold_db, seed)
-            ceiling.update(psnr_shuffled_actions=float(np.minimum(m["psnr_ceiling_shuffled"], PSNR_CAP).mean()),
-                           ssim_shuffled_actions=float(m["ssim_ceiling_shuffled"].mean()),
-                           psnr_gap_db=gap["psnr_gap_db"], psnr_gap_ci95=gap["psnr_gap_ci95"], ssim_gap=gap["ssim_gap"])
     per_episode = []
     for row, ep in enumerate(episodes):
         item = {"key": ep.key, "index": ep.index, "num_frames": ep.num_frames,
