@@ -78,7 +78,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     step = inner.state.get(p, {}).get("step")
                     if isinstance(step, torch.Tensor):
-                        inner.state[p]["step"] = (step.to(torch.float32, copy=True).to(p.device)
+                        inner.state[p]["step"] = (step.to(device=p.device, dtype=torch.float32, copy=True)
                                                   if group.get("fused") else step.clone())
 
     # The distributed optimizer's state in the canonical per-parameter layout, so its
@@ -147,8 +147,8 @@ def _torch_adams(mcore):
 def _use_fused_torch_adam(mcore) -> None:
     """Switch megatron's torch Adam(W) to torch's fused kernel (megatron constructs it with the
     default multi-tensor implementation and offers no switch). The fused step keeps its ``step``
-    counters as float32 tensors on the parameters' device; ``Optimizer.load_state_dict`` moves
-    restored ones there for fused groups."""
+    counters as float32 tensors on the parameters' device: torch creates them so at the first step,
+    :meth:`MegatronOptimizer.load_state_dict` puts restored ones there."""
     for _, inner in _torch_adams(mcore):
         params = [p for group in inner.param_groups for p in group["params"]]
         if not params or not all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
