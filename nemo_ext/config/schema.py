@@ -142,6 +142,10 @@ class TrainerConfig:
     val_every_n_steps: int = 50
     val_batches: int = 2
     keep_last_n_checkpoints: int = 2
+    # Keep the checkpoint with the lowest validation loss as checkpoints/best (-> best_step_<N>, hard
+    # links, so retention of the newest ones never deletes it; checkpoints/best.json says which): a
+    # run that starts to overfit keeps its best weights. Only steps that both validate and save count.
+    keep_best_checkpoint: bool = True
     resume: bool = True  # resume from the run directory's checkpoints/last when it exists
     # Weights to start from (a checkpoint dir): e.g. an imported base model. With strategy=lora it
     # is the frozen base the adapters train on (null: a random base, saved once to <run>/base).

@@ -6,10 +6,16 @@ that is swapped atomically (``os.replace``) only after a save has finished, so i
 a partial checkpoint. NeMo's ``NeMoModelCheckpoint`` provides retention (the newest
 ``trainer.keep_last_n_checkpoints``) and its unfinished-checkpoint markers; NeMo's exp_manager
 finds ``checkpoints/last`` to resume (it matches ``*last`` directories).
+
+With ``trainer.keep_best_checkpoint``, ``checkpoints/best`` is a symlink (swapped the same way) to
+``best_step_<N>/``: a tree of hard links to the files of the checkpoint with the lowest validation
+loss so far (a copy where the filesystem has no hard links), so retention may delete ``step_<N>``
+and the best weights stay; ``checkpoints/best.json`` holds its step and loss (read on resume).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,7 +33,11 @@ class RunCheckpoint(NeMoModelCheckpoint):
     CHECKPOINT_NAME_LAST = "last"
     FILE_EXTENSION = ""
 
-    def __init__(self, dirpath, every_n_steps: int, keep_last_n: int):
+    CHECKPOINT_NAME_BEST = "best"
+
+    def __init__(self, dirpath, every_n_steps: int, keep_last_n: int, keep_best: bool = False):
+        self.keep_best = keep_best
+        self.best: Optional[dict] = None  # {"step", "val_loss", "checkpoint"} of checkpoints/best
         super().__init__(
             dirpath=str(dirpath),
             filename="step_{step}",
@@ -49,7 +59,37 @@ class RunCheckpoint(NeMoModelCheckpoint):
             for partial in Path(self.dirpath).glob("*.partial"):
                 logger.warning("removing incomplete checkpoint %s (interrupted save)", partial)
                 shutil.rmtree(partial, ignore_errors=True)
+        record = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_BEST}.json"
+        if self.keep_best and record.is_file():  # a resumed run: the best so far stays the one to beat
+            best = json.loads(record.read_text())
+            if (Path(self.dirpath) / best["checkpoint"] / "metadata.json").is_file():
+                self.best = best
         super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep_best:
+            self._update_best(trainer, filepath)
+
+    def _update_best(self, trainer, filepath: str) -> None:
+        """After a complete save at a step that also validated: a lower loss than the best so far
+        becomes checkpoints/best (rank 0 writes; every rank agrees on the loss, all-reduced)."""
+        from nemo_ext.training.validation import ValidationLoss
+
+        val = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationLoss)), None)
+        step = trainer.global_step
+        if val is None or not val.history or val.history[-1]["step"] != step:
+            return
+        loss = float(val.history[-1]["val_loss"])
+        if self.best is not None and not loss < self.best["val_loss"]:
+            return
+        best = {"step": step, "val_loss": loss, "checkpoint": f"best_step_{step}"}
+        if trainer.is_global_zero:
+            _publish_best(Path(self.dirpath), Path(filepath), best, self.best, self.CHECKPOINT_NAME_BEST)
+            logger.info("best validation loss so far %.4f at step %d (%s -> %s)", loss, step,
+                        self.CHECKPOINT_NAME_BEST, best["checkpoint"])
+        self.best = best
+        trainer.strategy.barrier()
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
@@ -72,6 +112,38 @@ class RunCheckpoint(NeMoModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step and not os.path.isdir(final):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links here (another device, some network filesystems): copy
+        shutil.copy2(src, dst)
+
+
+def _publish_best(ckpt_dir: Path, source: Path, best: dict, previous: Optional[dict], link_name: str) -> None:
+    """``source`` (a complete checkpoint) -> ``best_step_<N>`` (hard links, built as ``.partial``
+    and renamed), then ``best.json`` and the ``best`` symlink swapped atomically, then the previous
+    best's tree removed: an interruption leaves the previous best or the new one, never half."""
+    target = ckpt_dir / best["checkpoint"]
+    partial = ckpt_dir / f"{best['checkpoint']}.partial"
+    for stale in (partial, target):
+        if stale.exists():
+            shutil.rmtree(stale)
+    shutil.copytree(source, partial, copy_function=_link_or_copy, symlinks=True)
+    os.replace(partial, target)
+    record = ckpt_dir / f"{link_name}.json"
+    tmp = ckpt_dir / f"{link_name}.json.tmp"
+    tmp.write_text(json.dumps(best) + "\n")
+    os.replace(tmp, record)
+    link = ckpt_dir / link_name
+    tmp_link = ckpt_dir / f"{link_name}.tmp"
+    if os.path.lexists(tmp_link):
+        os.remove(tmp_link)
+    os.symlink(best["checkpoint"], tmp_link)
+    os.replace(tmp_link, link)
+    if previous is not None and previous["checkpoint"] != best["checkpoint"]:
+        shutil.rmtree(ckpt_dir / previous["checkpoint"], ignore_errors=True)
 
 
 def resolve_checkpoint(path: str) -> Path:

@@ -56,7 +56,7 @@ def build_trainer(cfg, plan: RunPlan):
     ]
     if checkpoints:
         callbacks.insert(0, RunCheckpoint(plan.checkpoint_dir, cfg.trainer.checkpoint_every_n_steps,
-                                          cfg.trainer.keep_last_n_checkpoints))
+                                          cfg.trainer.keep_last_n_checkpoints, keep_best=cfg.trainer.keep_best_checkpoint))
     # After the preemption handler: a run stopping on a signal saves without validating first.
     callbacks.append(ValidationLoss(cfg.trainer.val_every_n_steps))
     if cfg.trainer.progress_bar:

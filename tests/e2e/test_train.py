@@ -58,7 +58,8 @@ def test_killed_run_resumes_with_identical_steps(train_cli, sample_world, tmp_pa
         assert rows[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7), step
         assert rows[step]["grad_norm"] == pytest.approx(straight[step]["grad_norm"], rel=1e-6, abs=1e-7), step
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["last", "step_3", "step_6"], ckpts  # keep_last_n_checkpoints=2, no partial leftovers
+    # keep_last_n_checkpoints=2, no partial leftovers; step 6 (the last) validated: the best so far
+    assert ckpts == ["best", "best.json", "best_step_6", "last", "step_3", "step_6"], ckpts
     assert (run_dir / "checkpoints" / "last").resolve().name == "step_6"
 
 
@@ -105,3 +106,35 @@ def test_action_control_recipe_trains_and_its_action_path_learns(train_cli, tmp_
         heads = [v for k, v in cond.items() if "to_adaln" in k and k.endswith("weight")]
         assert heads and all(h.abs().max() > 0 for h in heads)  # moved off their zero init
     assert any(k.endswith("mean") for k in cond)  # the normalization statistics travel with the weights
+
+
+def test_best_validation_checkpoint_survives_retention_and_resume(train_cli, sample_world):
+    """trainer.keep_best_checkpoint: checkpoints/best -> best_step_<N>, the saved step with the lowest
+    validation loss, kept (hard links) when retention deletes step_<N>; a resumed run keeps beating
+    the same record."""
+    import json
+
+    from nemo_ext.training.checkpoint import resolve_checkpoint
+
+    common = [*TINY, f"data.sample_dir={sample_world}", "data.sample_num_videos=16", "trainer.checkpoint_every_n_steps=2",
+              "trainer.val_every_n_steps=2", "trainer.keep_last_n_checkpoints=1"]
+
+    val = {}  # step -> validation loss over the run's segments (metrics.jsonl holds the current one)
+
+    def check(run, steps):
+        ckpts = run.run_dir / "checkpoints"
+        val.update({step: row["val_loss"] for step, row in run.val_metrics().items()})
+        assert sorted(val) == steps
+        best = json.loads((ckpts / "best.json").read_text())
+        assert best["val_loss"] == min(val.values()) and val[best["step"]] == best["val_loss"]
+        assert os.readlink(ckpts / "best") == best["checkpoint"] == f"best_step_{best['step']}"
+        assert resolve_checkpoint(str(ckpts / "best")) == (ckpts / best["checkpoint"]).resolve()
+        names = sorted(p.name for p in ckpts.iterdir())
+        assert names == sorted(["best", "best.json", best["checkpoint"], "last", f"step_{steps[-1]}"]), names
+        return best
+
+    first = check(train_cli([*common, "trainer.max_steps=6"], run_name="best"), [2, 4, 6])
+    resumed = train_cli([*common, "trainer.max_steps=10"], run_name="best")
+    assert "resuming from" in resumed.output
+    second = check(resumed, [2, 4, 6, 8, 10])
+    assert second["val_loss"] <= first["val_loss"]
