@@ -94,11 +94,7 @@ class RunCheckpoint(NeMoModelCheckpoint):
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero:
-            tmp = f"{linkpath}.tmp"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            os.replace(tmp, linkpath)
+            _swap_symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
             logger.info("checkpoint %s (last -> %s)", filepath, os.path.basename(filepath))
         trainer.strategy.barrier()
 
@@ -112,6 +108,15 @@ class RunCheckpoint(NeMoModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step and not os.path.isdir(final):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+def _swap_symlink(target: str, linkpath: str) -> None:
+    """Point ``linkpath`` at ``target`` atomically (a new link renamed over the old one)."""
+    tmp = f"{linkpath}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, linkpath)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -136,12 +141,7 @@ def _publish_best(ckpt_dir: Path, source: Path, best: dict, previous: Optional[d
     tmp = ckpt_dir / f"{link_name}.json.tmp"
     tmp.write_text(json.dumps(best) + "\n")
     os.replace(tmp, record)
-    link = ckpt_dir / link_name
-    tmp_link = ckpt_dir / f"{link_name}.tmp"
-    if os.path.lexists(tmp_link):
-        os.remove(tmp_link)
-    os.symlink(best["checkpoint"], tmp_link)
-    os.replace(tmp_link, link)
+    _swap_symlink(best["checkpoint"], str(ckpt_dir / link_name))
     if previous is not None and previous["checkpoint"] != best["checkpoint"]:
         shutil.rmtree(ckpt_dir / previous["checkpoint"], ignore_errors=True)
 
