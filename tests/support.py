@@ -89,3 +89,53 @@ def cli_env() -> dict:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
+
+
+def count_matmul_flops(fn) -> dict[str, int]:
+    """FLOPs of ``fn()`` by op, from ``torch.utils.flop_counter.FlopCounterMode``, whichever SDPA kernel
+    torch picks for the attention.
+
+    The counter has formulas for the CUDA SDPA kernels (flash, efficient, cuDNN) and for the matmuls of
+    the unfused math path, but none for ``_scaled_dot_product_flash_attention_for_cpu``, the kernel CPU
+    attention runs as (measured with torch 2.14.1 here and 2.11.0+cu130 on the GPU machine: the counter
+    saw the DiT's linears only, 26,298,368 of 30,722,048 FLOPs, the missing 4,423,680 being exactly its
+    self- and cross-attention terms; the earlier green runs' torch counted them). The CPU kernel gets
+    the formulas the counter uses for the CUDA ones (2 FLOPs per multiply-add of QK^T and AV; backward
+    twice that), with the query's heads (grouped-query K/V are broadcast: torch 2.11's own formula
+    asserts equal heads). Every attention op that ran must have a formula, so a kernel a later torch
+    routes to fails here instead of giving a silently smaller count.
+    """
+    import torch
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def attention(q, k, v, backward=False):
+        b, h, s_q, d_q = q
+        s_k, d_v = k[-2], v[-1]
+        return (2 if backward else 1) * 2 * b * h * s_q * s_k * (d_q + d_v)
+
+    aten = torch.ops.aten
+    custom = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu",  # (query, key, value, ...)
+         lambda q, k, v, *_, out_shape=None, **__: attention(q, k, v)),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward",  # (grad_out, query, key, value, ...)
+         lambda g, q, k, v, *_, out_shape=None, **__: attention(q, k, v, backward=True)),
+    ):
+        if hasattr(aten, name):
+            custom[getattr(aten, name)] = formula
+
+    class AttentionOps(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "attention" in func.name() or "scaled_dot_product" in func.name():
+                self.seen.add(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
+    with counter, AttentionOps() as log:
+        fn()
+    uncounted = {str(op) for op in log.seen if op not in counter.flop_registry}
+    assert not uncounted, f"attention ran as {sorted(uncounted)}, which FlopCounterMode has no formula for"
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
