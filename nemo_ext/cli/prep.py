@@ -23,7 +23,8 @@
         robot episodes (IRASim/Bridge annotation JSON + videos; LeRobot v2.x; a folder of
         <name>.mp4 + <name>.npy actions) -> clip shards with actions.npy (T-1 rows for T frames)
         and states.npy sidecars, plus action_stats.json (normalisation statistics); all clips of
-        each episode by default, at the source frame rate (see data_prep/action_control.py)
+        each episode by default, at the source frame rate, cut at the action_control recipe's clip
+        length unless --recipe says otherwise (see data_prep/action_control.py)
 
 videos/instructions/bridge/lerobot/episodes are resumable (re-run the same command) and write report.jsonl (one line per
 rejected video) and manifest.json into OUT. Exit codes: 0 ok, 1 no clip written, 2 usage error.
@@ -365,9 +366,13 @@ def main(argv=None) -> int:
                                        "rate (no --fps); action_stats.json next to the shards holds the action_dim and "
                                        "per-dimension statistics. See data_prep/action_control.py.")
         _add_clip_source(action_parser, captions=False)
-        action_parser.set_defaults(clips_per_video=0)  # robot episodes are short: every clip of each
+        # robot episodes are short: every clip of each, at the action_control recipe's clip length (the
+        # general recipe's 17 frames would reject every episode of a short robot dataset as too short)
+        action_parser.set_defaults(clips_per_video=0, recipe="action_control")
         for action in action_parser._actions:
-            if action.dest == "clips_per_video":
+            if action.dest == "recipe":
+                action.help = "recipe whose data.* values are the defaults (default action_control)"
+            elif action.dest == "clips_per_video":
                 action.help = "evenly spaced non-overlapping clips per episode; 0 = all of them (default 0)"
             elif action.dest == "fps":
                 action.help = argparse.SUPPRESS  # the source frame rate is kept ('source' is accepted)
@@ -445,4 +450,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nemo_ext.utils.console import quiet_known_notices
+
+    quiet_known_notices()
     sys.exit(main())

@@ -478,11 +478,13 @@ def test_cli(bridge_raw: Path, lerobot_raw: Path, tmp_path: Path, capsys: pytest
 
     common = ("--codec", "vp9", "--workers", "1", "--no-progress", "--height", "32", "--width", "32")
     out = tmp_path / "b"
-    code, stdout, err = cli("bridge", "--raw", str(bridge_raw), "--out", str(out), *common, "data.num_frames=9")
+    # no --recipe: the robot sources default to the action_control recipe's clips (9 frames; the general
+    # recipe's 17 would reject these short episodes as too short)
+    code, stdout, err = cli("bridge", "--raw", str(bridge_raw), "--out", str(out), *common)
     assert code == 0, err
     assert "clips written: 6 (from 3 of 6 episodes; 9 frames at 32x32, vp9)" in stdout
     assert "actions: 7-d, 48 transitions; states: 7-d" in stdout and "action_stats.json" in stdout
-    assert read_manifest(out)["extra"]["info"]["recipe"] == "general"
+    assert read_manifest(out)["extra"]["info"]["recipe"] == "action_control"
     code, stdout, err = cli("lerobot", "--raw", str(lerobot_raw), "--out", str(tmp_path / "l"), *common,
                             "--camera", WRIST, "--state-key", "none", "--clip-frames", "17")
     assert code == 0, err
