@@ -148,4 +148,7 @@ def _main_merge(args) -> int:
 
 
 if __name__ == "__main__":
+    from nemo_ext.utils.console import quiet_known_notices
+
+    quiet_known_notices()
     sys.exit(main())

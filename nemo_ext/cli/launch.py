@@ -105,4 +105,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nemo_ext.utils.console import quiet_known_notices
+
+    quiet_known_notices()
     sys.exit(main())

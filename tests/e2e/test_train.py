@@ -97,6 +97,12 @@ def test_action_control_recipe_trains_and_its_action_path_learns(train_cli, tmp_
              "data.backend=pyav", "model=" + ("ar_tiny_v2w" if family == "ar" else "dit_tiny_v2w")]
     run = train_cli([*TINY, *world, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=12",
                      "trainer.val_every_n_steps=12"], recipe="action_control", family=family)
+    # the console: the known third-party notices of a CPU run are one line each (utils/console.py)
+    out = run.output
+    assert out.count("notice] transformer-engine and apex are not installed") == 1, out[:3000]
+    for raw in ("Transformer Engine and Apex are not installed", "No CUDA runtime is found", "OneLogger:",
+                "No exporters were provided", "dataloader_iter"):
+        assert raw not in out, (raw, out[:3000])
     rows = run.metrics()
     assert sum(rows[s]["loss"] for s in (10, 11, 12)) < sum(rows[s]["loss"] for s in (1, 2, 3))
     assert rows[12]["val_loss"] > 0
