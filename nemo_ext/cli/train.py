@@ -36,6 +36,9 @@ def parse_args(argv):
     parser.add_argument("--recipe", default="general", help="recipe folder under recipes/ (the task)")
     parser.add_argument("--family", default="diffusion", choices=["diffusion", "ar"], help="model family")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every third-party notice as it is (default: known-benign ones, such as the "
+                        "Transformer Engine fallbacks, become one line each; env COSMOS_VERBOSE=1 does the same)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_steps=10")
     return parser.parse_args(argv)
 
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
 
     from nemo_ext.config.compose import ConfigError, compose, to_typed
     from nemo_ext.config.plan import make_plan
+    from nemo_ext.data.shards import ShardError, check_data_paths
 
     try:
         composed = compose(args.recipe, args.family, args.overrides)
@@ -61,8 +65,12 @@ def main(argv=None) -> int:
             return 0
         cfg = to_typed(composed)
         plan = make_plan(cfg)
+        check_data_paths(cfg.data)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except ShardError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         return 2
 
     from nemo.core.config import hydra_runner
@@ -87,4 +95,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nemo_ext.utils.console import quiet_known_notices
+
+    quiet_known_notices(verbose="-v" in sys.argv[1:] or "--verbose" in sys.argv[1:])
     sys.exit(main())

@@ -347,6 +347,22 @@ def expand_paths(spec: str | os.PathLike) -> list[Path]:
     return out
 
 
+def check_data_paths(data_cfg) -> None:
+    """Every shard set a run's ``data`` config names (``data.path`` or each of ``data.sources``, and
+    ``data.val_path``) exists and holds shards, checked before any work: one ShardError naming the key.
+    The generated sample world (no path given) is not checked: it is made when missing."""
+    specs = [(f"data.sources[{s.name}].path", s.path) for s in (data_cfg.sources or [])]
+    if not specs and data_cfg.path:
+        specs.append(("data.path", data_cfg.path))
+    if data_cfg.val_path:
+        specs.append(("data.val_path", data_cfg.val_path))
+    for key, spec in specs:
+        try:
+            expand_paths(spec)
+        except ShardError as exc:
+            raise ShardError(f"{key}={spec}: {exc}") from None
+
+
 class ShardIndex:
     """An ordered, random-access list of samples over a set of shards.
 
