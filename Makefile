@@ -55,7 +55,7 @@ CKPT ?=
 FROM ?=
 TO ?=
 
-.PHONY: help setup train slurm sweep sweep-report print-config convert sample eval test test-full sample-data data clean-venv docker
+.PHONY: help setup lock wheels test-docker train slurm sweep sweep-report print-config convert sample eval test test-full sample-data data clean-venv docker
 
 help: ## Show targets and variables
 	@echo "cosmos-recipes: post-training recipes for Cosmos world foundation models"
@@ -70,7 +70,8 @@ help: ## Show targets and variables
 	@echo "  DATA=<dir|glob>    shard directory; unset = the generated sample world"
 	@echo "  NGPU=<n>           unset/0 = CPU, 1 = one GPU, n > 1 = torchrun with n processes"
 	@echo "  ARGS=\"...\"         Hydra overrides, e.g. ARGS=\"trainer.max_steps=10 optim.lr=1e-5\""
-	@echo "  WHEELS=<dir>       (setup) offline: reuse this Python's torch & co, add the wheels in <dir>"
+	@echo "  WHEELS=<dir>       (setup) offline: keep this Python's torch & co, the rest of the lock from <dir>;"
+	@echo "                     (wheels) where to download them; FREEZE=<file> the target's pip list --format=freeze"
 	@echo "  Slurm (slurm, sweep): NODES= GPUS_PER_NODE= (0 = CPU nodes) PARTITION= ACCOUNT= TIME= CONTAINER=<image>"
 	@echo "                     MOUNTS=src:dst,... DRY_RUN=1 (print the script only); sweep: SWEEP=\"k=v1,v2 k2=v3\" NAME="
 	@echo "  RUN=<sweep dir>    (sweep-report) the sweep to tabulate"
@@ -78,39 +79,77 @@ help: ## Show targets and variables
 	@echo
 	@echo "Example: make setup && make recipe=general train"
 
-$(VENV)/.installed: pyproject.toml
+# A Python 3.12 (megatron-core >= 0.17 requires it): python3.12 on PATH, pyenv's 3.12.*, /usr/bin, python3.
+define find_python
+py=""; \
+for cand in "$$(command -v python3.12 2>/dev/null)" \
+            $$(ls -d "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r) \
+            /usr/bin/python3.12 /usr/local/bin/python3.12 "$$(command -v python3 2>/dev/null)"; do \
+  [ -n "$$cand" ] && [ -x "$$cand" ] || continue; \
+  if "$$cand" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; then py="$$cand"; break; fi; \
+done; \
+if [ -z "$$py" ]; then \
+  echo "error: no Python 3.12 found (looked at python3.12 on PATH, pyenv's versions/3.12.*, /usr/bin, python3)."; \
+  echo "  megatron-core >= 0.17 requires Python 3.12. Install one, e.g.:"; \
+  echo "    pyenv install 3.12      (then re-run make setup)"; \
+  echo "    apt-get install python3.12 python3.12-venv   (Debian/Ubuntu with 3.12 packages)"; \
+  echo "    uv python install 3.12"; \
+  exit 1; \
+fi
+endef
+
+# The environment is requirements.lock (every package, exact versions, sha256 hashes), made by `make lock`
+# from pyproject.toml's ranges; tools/envlock.py installs and checks it. Default: a venv of its own with
+# exactly the lock. WHEELS=<dir>: offline, on a machine that ships torch & co (GPU machines, NGC
+# containers): a --system-site-packages venv that keeps the base's torch & co and installs the rest of
+# the lock from <dir> (made by `make wheels`); SYSTEM_SITE=1: the same from the index (the Dockerfile).
+LOCKFILE := requirements.lock
+SYSTEM_SITE ?=
+$(VENV)/.installed: pyproject.toml $(LOCKFILE)
 	@set -e; \
-	py=""; \
-	for cand in "$$(command -v python3.12 2>/dev/null)" \
-	            $$(ls -d "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r) \
-	            /usr/bin/python3.12 /usr/local/bin/python3.12 "$$(command -v python3 2>/dev/null)"; do \
-	  [ -n "$$cand" ] && [ -x "$$cand" ] || continue; \
-	  if "$$cand" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; then py="$$cand"; break; fi; \
-	done; \
-	if [ -z "$$py" ]; then \
-	  echo "error: no Python 3.12 found (looked at python3.12 on PATH, pyenv's versions/3.12.*, /usr/bin, python3)."; \
-	  echo "  megatron-core >= 0.17 requires Python 3.12. Install one, e.g.:"; \
-	  echo "    pyenv install 3.12      (then re-run make setup)"; \
-	  echo "    apt-get install python3.12 python3.12-venv   (Debian/Ubuntu with 3.12 packages)"; \
-	  echo "    uv python install 3.12"; \
-	  exit 1; \
-	fi; \
+	$(find_python); \
 	echo "using $$py ($$($$py --version))"; \
-	if [ -n "$(WHEELS)" ]; then \
-	  $$py -m venv --system-site-packages $(VENV); \
+	if [ -n "$(WHEELS)$(SYSTEM_SITE)" ]; then \
+	  $$py -m venv --system-site-packages $(VENV) 2>/dev/null || { rm -rf $(VENV); $$py -m venv --system-site-packages --without-pip $(VENV); }; \
 	  parent=$$($$py -c 'import site; print(site.getsitepackages()[0])'); \
 	  echo "$$parent" > $$($(VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_parent_site.pth; \
-	  $(VENV)/bin/pip install --no-index --no-deps --no-compile "$(WHEELS)"/*.whl; \
-	  $(VENV)/bin/pip install --no-index --no-deps --no-build-isolation -e .; \
+	  $(VENV)/bin/python tools/envlock.py install --python $(VENV)/bin/python $(if $(WHEELS),--wheels "$(WHEELS)"); \
+	  $(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .; \
+	  [ -e $(VENV)/bin/torchrun ] || printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
+	    "$$PWD/$(VENV)/bin/python" > $(VENV)/bin/torchrun && chmod 755 $(VENV)/bin/torchrun; \
+	  $(VENV)/bin/python -m pip check || echo "warning: pip check (above) also sees the base's own packages; tools/envlock.py check is what must pass"; \
 	else \
 	  $$py -m venv $(VENV); \
-	  $(VENV)/bin/pip install -q --upgrade pip; \
-	  $(VENV)/bin/pip install -e ".[dali,test]"; \
+	  $(VENV)/bin/pip install --require-hashes --no-deps -r $(LOCKFILE); \
+	  $(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .; \
+	  $(VENV)/bin/pip check; \
 	fi; \
+	$(VENV)/bin/python tools/envlock.py check --python $(VENV)/bin/python; \
 	touch $@
 
-setup: $(VENV)/.installed ## Create .venv with Python 3.12 and install the package (+ DALI, test tools)
+setup: $(VENV)/.installed ## Create .venv with Python 3.12: exactly requirements.lock (WHEELS=<dir>: offline, on a base that ships torch)
 	@echo "environment ready: $(VENV) ($$($(PY) --version))"
+
+# make lock: uv (pinned here) in a tools venv of its own resolves pyproject.toml's ranges afresh for
+# CPython 3.12 on x86-64 Linux, with the install tools (pip, setuptools, wheel) and the extras setup
+# installs, honouring the pip constraint file this machine's pip config names (it caps torch here).
+UV_VERSION := 0.13.9
+TOOLS := .tools
+LOCK_CONSTRAINTS ?= $(PIP_CONSTRAINT) $(shell pip config list 2>/dev/null | sed -n "s/^[a-z]*\.constraint='\(.*\)'$$/\1/p")
+lock: ## Re-resolve requirements.lock from pyproject.toml's ranges (after changing dependencies, or to take new releases)
+	@set -e; $(find_python); \
+	[ -x $(TOOLS)/uv-$(UV_VERSION)/bin/uv ] || { $$py -m venv $(TOOLS)/uv-$(UV_VERSION) && $(TOOLS)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION); }; \
+	printf 'pip\nsetuptools>=77\nwheel\n' | $(TOOLS)/uv-$(UV_VERSION)/bin/uv pip compile pyproject.toml - --extra dali --extra test \
+	  --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --upgrade \
+	  $(foreach c,$(LOCK_CONSTRAINTS),--constraint $(c)) --custom-compile-command "make lock" -o $(LOCKFILE) --quiet; \
+	echo "$(LOCKFILE): $$(grep -c '^[a-z0-9]' $(LOCKFILE)) packages; torch $$(sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCKFILE)); run make clean-venv setup test"
+
+# make wheels: the lock's wheels a machine without internet needs (FREEZE=<its pip list --format=freeze>;
+# default: a machine that has torch & co only), in folders that fit one device call each.
+FREEZE ?=
+wheels: ## Download the wheels an offline machine needs: make wheels WHEELS=<dir> [FREEZE=<its pip freeze>]
+	@test -n "$(WHEELS)" || { echo "usage: make wheels WHEELS=<dir> [FREEZE=<file of the machine's pip list --format=freeze>]"; exit 2; }
+	@set -e; $(find_python); $$py tools/envlock.py fetch --dest "$(WHEELS)" $(if $(FREEZE),--freeze "$(FREEZE)")
 
 define need_venv
 	@test -x $(PY) || { echo "error: $(VENV) is missing: run 'make setup' first"; exit 1; }
@@ -188,11 +227,30 @@ clean-venv: ## Remove .venv
 	rm -rf $(VENV)
 
 # Docker image (Dockerfile: NGC PyTorch base + this package in .venv; README "Docker and enroot/pyxis").
+# `docker build` where `docker info` reaches a daemon, else buildah (as root, with chroot
+# isolation: no daemon needed; --format docker: the OCI format would drop the Dockerfile's SHELL with
+# its pipefail), else an error that says what to install.
 IMAGE ?= cosmos-recipes:latest
 BASE_IMAGE ?=
 DOCKER ?= docker
+BUILDAH ?= buildah
+BUILD_ARGS = $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 
-docker: ## Build the image: make docker [IMAGE=cosmos-recipes:latest BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3]
-	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "error: '$(DOCKER)' not found: install Docker to build the image (or DOCKER=podman), or use the README's enroot/pyxis route with a prebuilt image"; exit 1; }
-	@$(DOCKER) info >/dev/null 2>&1 || { echo "error: '$(DOCKER)' cannot reach a daemon ('$(DOCKER) info' fails): start it, or build on a machine that has one"; exit 1; }
-	$(DOCKER) build -t $(IMAGE) $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -f Dockerfile .
+docker: ## Build the image: make docker [IMAGE=cosmos-recipes:latest BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3] (docker, else buildah)
+	@if command -v $(DOCKER) >/dev/null 2>&1 && $(DOCKER) info >/dev/null 2>&1; then \
+	  echo "$(DOCKER) build -t $(IMAGE) $(BUILD_ARGS) -f Dockerfile ."; \
+	  $(DOCKER) build -t $(IMAGE) $(BUILD_ARGS) -f Dockerfile .; \
+	elif command -v $(BUILDAH) >/dev/null 2>&1; then \
+	  echo "no Docker daemon ('$(DOCKER) info' fails or '$(DOCKER)' is not installed): building with $(BUILDAH)"; \
+	  echo "$(BUILDAH) bud --isolation chroot --format docker --layers -t $(IMAGE) $(BUILD_ARGS) -f Dockerfile ."; \
+	  $(BUILDAH) bud --isolation chroot --format docker --layers -t $(IMAGE) $(BUILD_ARGS) -f Dockerfile .; \
+	else \
+	  echo "error: neither a Docker daemon ('$(DOCKER) info' fails or '$(DOCKER)' is not installed) nor $(BUILDAH): install" \
+	       "Docker (or DOCKER=podman), or buildah (apt-get install buildah; builds as root without a daemon)"; exit 1; \
+	fi
+
+test-docker: ## Build the image on a stand-in base (debootstrap + this Python + the locked torch) and train inside it (root; apt installs buildah, debootstrap)
+	tools/test-docker.sh
+
+print-python: # the Python 3.12 make setup uses (tools/test-docker.sh)
+	@set -e; $(find_python); echo "$$py"
