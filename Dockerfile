@@ -33,49 +33,37 @@ WORKDIR /workspace/cosmos-recipes
 RUN command -v make >/dev/null || { apt-get update && apt-get install -y --no-install-recommends make \
       && rm -rf /var/lib/apt/lists/*; }
 
-# Keep the base image's CUDA stack. pip would otherwise be free to replace torch (with a PyPI build
-# of another CUDA), numpy (which torch and DALI are built against), DALI or Transformer Engine while
-# resolving our dependencies. This constraints file pins exactly those packages at the versions the
-# base image has; an installed package that satisfies its pin is kept, and a dependency that needs
-# another version fails the build instead of silently swapping it. It replaces NGC's own
-# PIP_CONSTRAINT (/etc/pip/constraint.txt, a pin of every package in the image), which would also
-# freeze packages we do need to upgrade (nemo_toolkit 3.0 pins hydra-core, omegaconf, lightning).
-# PIP_CONSTRAINT stays set in the image, so a later `pip install` in the container keeps them too.
+# Keep the base image's CUDA stack for later `pip install`s in the container too: this constraints file
+# pins torch & co (tools/envlock.py's list: torch, triton, numpy, DALI, Transformer Engine, ...) at the
+# versions the base image has, so pip cannot replace them (with a PyPI build of another CUDA) while
+# resolving a user's package; a dependency that needs another version fails instead of silently
+# swapping it. It replaces NGC's own PIP_CONSTRAINT (/etc/pip/constraint.txt, a pin of every package in
+# the image), which would also freeze packages we do install at other versions (nemo_toolkit 3.0 pins
+# hydra-core, omegaconf, lightning).
+COPY tools/envlock.py /tmp/envlock.py
 RUN mkdir -p /etc/pip \
- && python3 -m pip list --format=freeze 2>/dev/null \
-      | grep -iE '^(torch|torchvision|torchaudio|triton|pytorch[-_]triton|numpy|apex|nvidia[-_]dali[-_a-z0-9]*|transformer[-_]engine[-_a-z0-9]*|flash[-_]attn[-_a-z0-9]*)==' \
-      > /etc/pip/cosmos-recipes-constraints.txt \
+ && python3 -m pip list --format=freeze 2>/dev/null | python3 /tmp/envlock.py keep > /etc/pip/cosmos-recipes-constraints.txt \
  && { grep -qi '^torch==' /etc/pip/cosmos-recipes-constraints.txt \
-      || { echo "error: the base image has no torch: BASE_IMAGE must be an NGC PyTorch image" >&2; exit 1; }; } \
+      || { echo "error: the base image has no torch: BASE_IMAGE must be an NGC PyTorch image (or another with torch)" >&2; exit 1; }; } \
  && echo "kept from the base image:" && cat /etc/pip/cosmos-recipes-constraints.txt
 ENV PIP_CONSTRAINT=/etc/pip/cosmos-recipes-constraints.txt
 
 COPY . .
 
-# The environment the Makefile expects: `.venv/bin/python` (its need_venv check), built like
-# `make setup WHEELS=<dir>` does on the offline GPU machines: a venv with --system-site-packages, so
-# the base image's torch, triton, numpy, DALI and Transformer Engine are imported from the image
-# itself and the venv only holds what is missing (megatron-core, NeMo, diffusers, ...). The `dali`
-# and `te` extras are not installed: the base image provides both. --without-pip: the venv uses the
-# image's pip through the system site-packages (Ubuntu's python3 may lack ensurepip).
-# torch's own `torchrun` script lives outside the venv and starts its workers with the image's
-# Python, which lacks our packages: a `torchrun` for the venv's Python is written into .venv/bin
-# (`make train NGPU=N` itself runs `python -m torch.distributed.run`). `.venv/.installed` is the
-# Makefile's setup stamp: `make setup` in the image is a no-op. The last steps check what pip did
-# (torch is still the base image's), list the versions in use, and compose a recipe through make.
+# The environment is the one `make setup` builds elsewhere, from the same requirements.lock:
+# `make setup SYSTEM_SITE=1` makes `.venv` with --system-site-packages, so the base image's torch,
+# triton, numpy, DALI and Transformer Engine ("torch & co", tools/envlock.py) are imported from the image
+# itself, and installs every other locked package at its locked version, hash-checked and without
+# dependency resolution (--no-deps: nothing can swap the base's packages). A package the base has at
+# another version (NGC's lightning) is installed into the venv, where it shadows the base's; the
+# locked packages that only torch & co need (CUDA libraries) are not installed. The same command
+# checks the venv against the lock (tools/envlock.py check), writes a `torchrun` for the venv's Python
+# into .venv/bin (torch's own starts its workers with the image's Python, which lacks our packages)
+# and the Makefile's setup stamp (`make setup` in the image is a no-op). --without-pip is used where
+# the base's python3 has no ensurepip (Ubuntu's). The last steps list the versions in use and compose
+# a recipe through make.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -m venv --system-site-packages --without-pip .venv \
- && { .venv/bin/python -m pip install -e ".[test]" \
-      || { echo "error: pip could not install cosmos-recipes on ${BASE_IMAGE} while keeping its" \
-                "packages ($(tr '\n' ' ' < "$PIP_CONSTRAINT")). If torch is the conflict, pick a BASE_IMAGE" \
-                "whose torch satisfies pyproject.toml (NGC 26.04 or newer)." >&2; exit 1; }; } \
- && if [ -n "$(find .venv/lib -mindepth 3 -maxdepth 3 -name torch)" ]; then \
-      echo "error: pip installed a second torch into .venv" >&2; exit 1; fi \
- && { [ -e .venv/bin/torchrun ] \
-      || printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
-           "$PWD/.venv/bin/python" > .venv/bin/torchrun; } \
- && chmod 755 .venv/bin/torchrun \
- && touch .venv/.installed \
+    make setup SYSTEM_SITE=1 \
  && .venv/bin/python -m pip list 2>/dev/null \
       | grep -iE '^(torch|triton|numpy|nvidia-dali[-a-z0-9]*|transformer[-_]engine[-_a-z0-9]*|megatron-core|nemo[-_]toolkit|lightning|hydra-core|diffusers) ' \
  && make recipe=general print-config >/dev/null \
