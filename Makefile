@@ -77,6 +77,8 @@ help: ## Show targets and variables
 	@echo "  RUN=<sweep dir>    (sweep-report) the sweep to tabulate"
 	@echo "  CKPT=<dir|last>    (sample, eval) run dir, checkpoint dir, or last: the newest run of recipe/FAMILY/MODEL"
 	@echo
+	@if [ -x $(PY) ]; then $(PY) -m nemo_ext.cli.registry 2>/dev/null || true; fi
+	@echo
 	@echo "Example: make setup && make recipe=general train"
 
 # A Python 3.12 (megatron-core >= 0.17 requires it): python3.12 on PATH, pyenv's 3.12.*, /usr/bin, python3.
@@ -200,12 +202,11 @@ sample-data: ## Generate the procedural sample world of a recipe into data/sampl
 	$(need_venv)
 	$(PY) -m nemo_ext.cli.prep sample --recipe $(recipe) $(ARGS)
 
-# Data prep source (a module of data_prep/): videos (folder + captions), instructions (+ JSON), or the robot
-# formats of action_control: bridge (IRASim layout), lerobot (v2 episodes), episodes (mp4 + .npy actions).
+# Data prep source: a converter registered by a module of data_prep/ (`make help` lists them, from the registry).
 # OUT is taken from the command line only: the GPU machines export an OUT of their own, and
 # writing shards there by accident would be bad; `$(origin OUT)` tells the two apart.
 PREP_SOURCE = $(if $(SOURCE),$(SOURCE),videos)
-DATA_USAGE = usage: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [SOURCE=videos|instructions|bridge|lerobot|episodes] [ARGS="..."]
+DATA_USAGE = usage: make recipe=<task> data RAW=<raw dir> OUT=<out dir> [SOURCE=<source> (default videos; make help lists them)] [ARGS="..."]
 DATA_OUT_FROM_ENV = OUT=$(OUT) comes from the environment (origin: $(origin OUT)) and is refused: \
   give the output dir on the make command line: make recipe=$(recipe) data RAW=<raw dir> OUT=<out dir>
 

@@ -8,7 +8,7 @@ with small budgets too).
 
 The protocol (every stage is the user-facing CLI, in one work directory):
 
-1. ``world``: the action world (``data_prep.sample_world``, variant ``action``; ``--videos``
+1. ``world``: the action world (``nemo_ext/tasks/action_control/world.py``; ``--videos``
    training episodes, a held-out world of ``--val-videos`` at ``<world>_val``).
 2. AR only, ``tokenizer``: the built-in FSQ tokenizer trained on that world
    (``nemo_ext.cli.prep train-tokenizer``): pixel metrics need a decodable tokenizer. The diffusion
@@ -20,17 +20,18 @@ The protocol (every stage is the user-facing CLI, in one work directory):
    base was trained with) for ``--post-steps``.
 5. ``eval``: ``nemo_ext.cli.eval`` rollouts over ``--episodes`` held-out episodes from the first
    frame, whole action sequences: the post-trained model with the true actions, with the actions
-   permuted in time and with actions swapped between episodes, and the base model
-   (``--weights-from``: the post-trained run's network with the base weights; for the DiT its
-   zero-initialized action path makes it exactly the base model, for AR the zero action tokens
-   only dilute cross-attention, the same under every action sequence).
+   permuted in time (one evaluation) and swapped between episodes (another), and the base model
+   (``--base``: the post-trained run's network with the base weights; for the DiT its
+   zero-initialized action path makes it exactly the base model, for AR the action tokens only
+   dilute cross-attention, the same under every action sequence).
 
 The result file ``benchmarks/results/action_control_<family>_<hw>_<date>.json`` holds each stage's
 command and seconds, both runs' final losses, and per evaluation the mean PSNR / SSIM / latent L2
-or token accuracy with true and shuffled actions, the action-sensitivity gap with its bootstrap
-interval and verdict, the teacher-forced training loss on ground-truth clips with true vs shuffled
-actions (does the model use the actions at all, sampling aside), and the simulator's
-ground-truth control (the gap a perfect model shows).
+or token accuracy with true and permuted actions and the base model's, the paired gaps with their
+bootstrap intervals, the shared verdict (learned when the gaps over the control and over the base,
+on >= 32 episodes, have 95% intervals above 0.25 dB), the teacher-forced training loss on
+ground-truth clips with true vs permuted actions (does the model use the actions at all, sampling
+aside), and the simulator's ground-truth control (the gap a perfect model shows).
 """
 
 from __future__ import annotations
@@ -75,25 +76,25 @@ def _last_metrics(run_dir: Path) -> dict:
 
 
 def _eval_summary(report: dict) -> dict:
-    means, sens = report["means"], report["action_sensitivity"]
+    """The numbers of one eval report (the evaluation core's schema, nemo_ext/eval/report.py)."""
+    means, sens = report["means"], report["sensitivity"]
     code = "latent_l2" if "latent_l2" in means else "token_accuracy"
     out = {
-        "psnr_db": means["psnr"], "psnr_shuffled_db": means["psnr_shuffled"],
-        "ssim": means["ssim"], "ssim_shuffled": means["ssim_shuffled"],
-        code: means[code], f"{code}_shuffled": means[code + "_shuffled"],
+        "psnr_db": means["psnr"], "psnr_control_db": means["psnr_control"],
+        "ssim": means["ssim"], "ssim_control": means["ssim_control"],
+        code: means[code], f"{code}_control": means[code + "_control"],
         "psnr_gap_db": sens["psnr_gap_db"], "psnr_gap_ci95": sens["psnr_gap_ci95"], "ssim_gap": sens["ssim_gap"],
-        "verdict": sens["verdict"], "shuffle": report["config"]["shuffle"], "episodes": report["config"]["episodes"],
+        "psnr_base_db": means.get("psnr_base"), "vs_base": {k: v for k, v in (report["vs_base"] or {}).items()
+                                                           if not k.endswith("per_episode")} or None,
+        "verdict": report["verdict"]["verdict"], "verdict_explanation": report["verdict"]["explanation"],
+        "control": report["config"]["control"], "episodes": report["config"]["episodes"],
         "rollout_frames": report["config"]["rollout_frames"], "checkpoint": report["checkpoint"],
-        "weights_from": report.get("weights_from"), "eval_seconds": report["timings"]["total_s"],
+        "base": report.get("base"), "eval_seconds": report["timings"]["total_s"],
         "teacher_forced": {k: v for k, v in sens["teacher_forced"].items() if k != "per_episode_gap"},
     }
-    ctrl = report.get("ground_truth_control")
-    if ctrl:
-        out["ground_truth_control"] = {k: ctrl[k] for k in ("psnr_true_actions", "psnr_shuffled_actions", "psnr_gap_db")}
-    ceiling = report.get("tokenizer_ceiling")
-    if ceiling:
-        out["tokenizer_ceiling"] = {k: ceiling[k] for k in ("psnr_true_actions", "psnr_shuffled_actions", "psnr_gap_db")
-                                    if k in ceiling}
+    for key in ("ground_truth_control", "tokenizer_ceiling"):
+        if report.get(key):
+            out[key] = {k: report[key][k] for k in ("psnr_true", "psnr_control", "psnr_gap_db") if k in report[key]}
     return out
 
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                    "same arguments after an interruption and finished stages are kept")
     p.add_argument("--videos", type=int, default=512, help="training episodes of the action world")
     p.add_argument("--val-videos", type=int, default=32, help="held-out episodes")
-    p.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out")
+    p.add_argument("--episodes", type=int, default=32, help="held-out episodes rolled out (the verdict needs >= 32)")
     p.add_argument("--tokenizer-steps", type=int, default=3000, help="AR: FSQ tokenizer training steps")
     p.add_argument("--base-steps", type=int, default=3000)
     p.add_argument("--post-steps", type=int, default=3000)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
               *data, *args.overrides]
 
     # 1. the worlds (the trainer would make them too; the tokenizer needs them first)
-    from data_prep.sample_world import generate
+    from nemo_ext.worlds import generate
     from nemo_ext.training.data import HELD_OUT_SAMPLE_SEED
 
     start = time.perf_counter()
@@ -186,32 +187,31 @@ def main(argv=None) -> int:
     # 5. rollouts
     evals = {}
     extra = ["--sampler-steps", str(args.sampler_steps)] if family == "diffusion" else []
-    plans = {"post_time_shuffle": ["--shuffle", "time"], "post_episode_swap": ["--shuffle", "episodes"],
-             "base": ["--weights-from", str(base_run), "--no-control"]}
+    # both controls, each with the base model as the verdict's second reference (the shared rule)
+    plans = {"post_time_shuffle": ["--control", "time"], "post_episode_swap": ["--control", "episodes"]}
     for name, flags in plans.items():
         out_dir = work / "eval" / name
         cmd = [py, "-m", "nemo_ext.cli.eval", "--ckpt", str(post_run), "--episodes", str(args.episodes),
-               "--out", str(out_dir), "--no-progress", "--videos", "2", "--batch-size", str(args.eval_batch),
-               *extra, *args.eval_arg, *flags]
+               "--base", str(base_run), "--out", str(out_dir), "--no-progress", "--videos", "2",
+               "--batch-size", str(args.eval_batch), *extra, *args.eval_arg, *flags]
         seconds = _run(cmd, work / f"eval_{name}.log")
         report = json.loads((out_dir / "report.json").read_text())
         evals[name] = {"command": " ".join(cmd), "seconds": seconds, **_eval_summary(report)}
 
-    post, base = evals["post_time_shuffle"], evals["base"]
+    post, swap = evals["post_time_shuffle"], evals["post_episode_swap"]
     headline = {
-        "psnr_post_true_db": post["psnr_db"], "psnr_post_time_shuffled_db": post["psnr_shuffled_db"],
-        "psnr_post_episode_swapped_db": evals["post_episode_swap"]["psnr_shuffled_db"], "psnr_base_db": base["psnr_db"],
-        "gap_vs_time_shuffled_db": post["psnr_gap_db"], "gap_vs_episode_swapped_db": evals["post_episode_swap"]["psnr_gap_db"],
-        "gain_over_base_db": post["psnr_db"] - base["psnr_db"],
-        "verdict_time_shuffle": post["verdict"], "verdict_episode_swap": evals["post_episode_swap"]["verdict"],
+        "psnr_post_true_db": post["psnr_db"], "psnr_post_time_shuffled_db": post["psnr_control_db"],
+        "psnr_post_episode_swapped_db": swap["psnr_control_db"], "psnr_base_db": post["psnr_base_db"],
+        "gap_vs_time_shuffled_db": post["psnr_gap_db"], "gap_vs_episode_swapped_db": swap["psnr_gap_db"],
+        "gain_over_base_db": post["psnr_db"] - post["psnr_base_db"],
+        "verdict_time_shuffle": post["verdict"], "verdict_episode_swap": swap["verdict"],
         # the training loss on ground-truth clips, true vs episode-swapped actions (no sampling involved)
-        "teacher_forced_loss_true": evals["post_episode_swap"]["teacher_forced"]["loss_true"],
-        "teacher_forced_loss_swapped": evals["post_episode_swap"]["teacher_forced"]["loss_shuffled"],
+        "teacher_forced_loss_true": swap["teacher_forced"]["loss_true"],
+        "teacher_forced_loss_swapped": swap["teacher_forced"]["loss_control"],
     }
-    if "tokenizer_ceiling" in evals["post_episode_swap"]:  # a perfect model with this tokenizer
-        ceiling = evals["post_episode_swap"]["tokenizer_ceiling"]
-        headline["psnr_tokenizer_ceiling_db"] = ceiling["psnr_true_actions"]
-        headline["psnr_tokenizer_ceiling_episode_swapped_db"] = ceiling.get("psnr_shuffled_actions")
+    if "tokenizer_ceiling" in swap:  # a perfect model with this tokenizer
+        headline["psnr_tokenizer_ceiling_db"] = swap["tokenizer_ceiling"]["psnr_true"]
+        headline["psnr_tokenizer_ceiling_episode_swapped_db"] = swap["tokenizer_ceiling"].get("psnr_control")
     hw = _hardware()
     hw_tag = (hw.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")
     date = datetime.date.today().isoformat()

@@ -24,11 +24,9 @@ resampled in time would need invented actions), so these sources take no ``fps``
 **Normalisation statistics.** Per-dimension ``count``, ``mean``, ``std`` (population), ``min``,
 ``max`` over every action row written to the shards (the transitions the trainer can see), and the
 same for states, are merged from the work units into ``manifest.json`` (``extra.sidecars
-["actions.npy"]`` / ``["states.npy"]``; ``extra.info.action_control`` has ``action_dim`` and
-``state_dim``) and written to ``action_stats.json`` next to it: ``action_dim``, ``count``,
-``mean``, ``std``, ``min``, ``max`` (actions, top level), ``state_dim``, ``states`` (the same
-block, or null), ``source``, ``convention``, ``action_semantics`` and counts
-(:func:`read_action_stats`, :func:`check_action_dim`).
+["actions.npy"]`` / ``["states.npy"]``, the one place and format of signal statistics:
+:mod:`nemo_ext.data.signals`; ``extra.info.action_control`` has ``action_dim``, ``state_dim`` and
+the action semantics). :func:`read_action_stats` gathers them, :func:`check_action_dim` checks them.
 
 Formats (``SOURCES``):
 
@@ -68,6 +66,7 @@ the first is the caption). When some episodes have states, one without is reject
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -83,7 +82,8 @@ from typing import Any
 import numpy as np
 
 from data_prep.clips import (VIDEO_EXTENSIONS, ClipSpec, PrepError, PrepResult, ShardLayout, Sidecar, SourceVideo,
-                             find_videos, prepare, source_video)
+                             clip_options, prepare, raw_videos, source_video)
+from nemo_ext.data.sources import PrepSource, register_source
 from nemo_ext.data.shards import MANIFEST_NAME, ShardError, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ __all__ = [
     "SOURCES",
     "ACTIONS_EXT",
     "STATES_EXT",
-    "ACTION_STATS_NAME",
     "SIDECARS",
     "EpisodeError",
     "read_bridge_episode",
@@ -113,8 +112,6 @@ ACTIONS_EXT = "actions.npy"
 STATES_EXT = "states.npy"
 # What the action_control task plugin reads: TaskSpec.sidecars (states only when the data has them).
 SIDECARS: dict[str, str] = {ACTIONS_EXT: "transitions", STATES_EXT: "frames"}
-ACTION_STATS_NAME = "action_stats.json"
-STATS_VERSION = 1
 BRIDGE_ACTION_MODES = ("json", "states")
 CONVENTION = ("actions[t] takes frame t to frame t+1: T-1 action rows for T frames (sidecar kind 'transitions'); "
               "states: one row per frame (kind 'frames')")
@@ -693,11 +690,7 @@ def collect_episodes(raw: str | os.PathLike, exclude: str | os.PathLike | None =
                      ) -> tuple[list[SourceVideo], dict[str, Any], dict[str, Any]]:
     """Videos under RAW (recursive) with their ``.npy`` actions as (videos, parameters, info)."""
     raw = Path(raw)
-    if not raw.is_dir():
-        raise PrepError(f"RAW {raw} is not a directory")
-    rels = find_videos(raw, exclude=exclude)
-    if not rels:
-        raise PrepError(f"RAW {raw} holds no videos (looked for {' '.join(VIDEO_EXTENSIONS)}, recursively)")
+    rels = raw_videos(raw, exclude=exclude)
     episodes: list[_Episode] = []
     for rel in rels:
         name = posixpath.splitext(rel)[0]
@@ -725,7 +718,7 @@ def prepare_actions(source: str, raw: str | os.PathLike, out: str | os.PathLike,
                     layout: ShardLayout = ShardLayout(), *, workers: int = 1, progress: bool = True,
                     info: Mapping[str, Any] | None = None, **options: Any) -> PrepResult:
     """Robot episodes of format ``source`` (``bridge``, ``lerobot``, ``episodes``) under ``raw`` ->
-    clip shards with ``actions.npy`` (+ ``states.npy``) sidecars in ``out``, and ``action_stats.json``.
+    clip shards with ``actions.npy`` (+ ``states.npy``) sidecars in ``out`` (statistics in the manifest).
 
     ``options`` go to the format's collector: bridge ``split`` (default "train"; None/"all" = every
     split), ``camera`` (index, default 0), ``actions`` ("json" | "states"); lerobot ``camera``
@@ -745,15 +738,26 @@ def prepare_actions(source: str, raw: str | os.PathLike, out: str | os.PathLike,
         videos, params, dataset = collect_episodes(raw, exclude=out)
     else:
         raise PrepError(f"unknown action source {source!r}; one of {', '.join(SOURCES)}")
-    summary = {**dataset, "convention": CONVENTION, "stats_file": ACTION_STATS_NAME,
+    summary = {**dataset, "convention": CONVENTION,
                "sidecars": {ACTIONS_EXT: "transitions", **({STATES_EXT: "frames"} if dataset["state_dim"] else {})}}
-    result = prepare(source, videos, out, spec, layout, workers=workers, source_params=params, progress=progress,
-                     info={**dict(info or {}), "action_control": summary})
-    write_action_stats(result.out_dir)
-    return result
+    return prepare(source, videos, out, spec, layout, workers=workers, source_params=params, progress=progress,
+                   info={**dict(info or {}), "action_control": summary})
 
 
-def _stats_from_manifest(manifest: Mapping[str, Any], where: str) -> dict[str, Any]:
+def read_action_stats(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The action statistics of a shard directory made by an action source, from its manifest:
+    ``action_dim`` and the actions' ``count``, ``mean``, ``std``, ``min``, ``max`` (per dimension,
+    population std, over every action row in the shards; None when no clip was written),
+    ``state_dim`` and ``states`` = ``{"kind", "shape", "count", "mean", "std", "min", "max"}`` (None
+    without states), plus ``source``, ``convention``, ``action_semantics``, ``num_clips``,
+    ``num_episodes``, ``num_episodes_ok``."""
+    data_dir = Path(data_dir)
+    where = str(data_dir / MANIFEST_NAME)
+    try:
+        manifest = read_manifest(data_dir)
+    except ShardError as e:
+        raise PrepError(f"{data_dir} has no readable manifest ({e}); prepare the data with `prep "
+                        f"{'|'.join(SOURCES)}`") from e
     extra = manifest.get("extra") or {}
     summary = (extra.get("info") or {}).get("action_control")
     if not isinstance(summary, dict):
@@ -761,16 +765,13 @@ def _stats_from_manifest(manifest: Mapping[str, Any], where: str) -> dict[str, A
                         f"`prep {'|'.join(SOURCES)}`")
     sidecars = extra.get("sidecars") or {}
     actions = sidecars.get(ACTIONS_EXT) or {}
-    states = sidecars.get(STATES_EXT) if summary.get("state_dim") else None
     return {
-        "version": STATS_VERSION,
         "source": extra.get("source"),
         "action_dim": summary.get("action_dim"),
-        # the actions' statistics at the top level (what the task plugin reads), per dimension
         "count": int(actions.get("count", 0)),
         **{k: actions.get(k) for k in ("mean", "std", "min", "max")},
         "state_dim": summary.get("state_dim"),
-        "states": states,
+        "states": sidecars.get(STATES_EXT) if summary.get("state_dim") else None,
         "convention": summary.get("convention"),
         "action_semantics": summary.get("action_semantics"),
         "num_clips": extra.get("num_clips"),
@@ -779,51 +780,65 @@ def _stats_from_manifest(manifest: Mapping[str, Any], where: str) -> dict[str, A
     }
 
 
-def write_action_stats(out_dir: str | os.PathLike) -> Path:
-    """``<out_dir>/action_stats.json`` from the manifest (rewritten only when it changes)."""
-    out_dir = Path(out_dir)
-    stats = _stats_from_manifest(read_manifest(out_dir), str(out_dir / MANIFEST_NAME))
-    path = out_dir / ACTION_STATS_NAME
-    text = json.dumps(stats, indent=1, sort_keys=True) + "\n"
-    if not (path.is_file() and path.read_text() == text):
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
-
-
-def read_action_stats(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """The action statistics of a shard directory made by an action source.
-
-    ``action_stats.json`` (falls back to ``manifest.json``): ``action_dim`` and the actions'
-    ``count``, ``mean``, ``std``, ``min``, ``max`` (per dimension, population std, over every
-    action row in the shards; None when no clip was written), ``state_dim`` and ``states`` =
-    ``{"kind", "shape", "count", "mean", "std", "min", "max"}`` (None without states), plus
-    ``source``, ``convention``, ``action_semantics``, ``num_clips``, ``num_episodes``,
-    ``num_episodes_ok``.
-    """
-    data_dir = Path(data_dir)
-    path = data_dir / ACTION_STATS_NAME
-    if path.is_file():
-        try:
-            stats = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PrepError(f"cannot read {path}: {e}") from e
-        if not isinstance(stats, dict) or "action_dim" not in stats:
-            raise PrepError(f"{path} is not an action statistics file (no 'action_dim')")
-        return stats
-    try:
-        return _stats_from_manifest(read_manifest(data_dir), str(data_dir / MANIFEST_NAME))
-    except ShardError as e:
-        raise PrepError(f"{data_dir} has no {ACTION_STATS_NAME} and no readable manifest ({e}); prepare the data with "
-                        f"`prep {'|'.join(SOURCES)}`") from e
-
-
 def check_action_dim(data_dir: str | os.PathLike, action_dim: int, key: str = "task.action_dim") -> dict[str, Any]:
     """The statistics of ``data_dir``, after checking that its actions are ``action_dim``-d."""
     stats = read_action_stats(data_dir)
     if stats.get("action_dim") != action_dim:
         raise PrepError(f"{key}={action_dim}, but the actions in {data_dir} are {stats.get('action_dim')}-d "
-                        f"({stats.get('source')} data, see {Path(data_dir) / ACTION_STATS_NAME}); set "
+                        f"({stats.get('source')} data, see {Path(data_dir) / MANIFEST_NAME}); set "
                         f"{key}={stats.get('action_dim')} or prepare data with {action_dim}-d actions")
     return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The prep sources (python -m nemo_ext.cli.prep bridge|lerobot|episodes; make data SOURCE=...)
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(source: str, options: Callable[[Any], dict[str, Any]]) -> Callable[[Any, Any], PrepResult]:
+    def run(args: Any, cfg: Any) -> PrepResult:
+        spec, layout, common = clip_options(args, cfg, keeps_source_fps=True)
+        return prepare_actions(source, Path(args.raw), Path(args.out), spec, layout, **common, **options(args))
+
+    return run
+
+
+def _summary(out_dir: Path) -> list[str]:
+    stats = read_action_stats(out_dir)
+    return [f"actions: {stats['action_dim']}-d, {stats['count']} transitions"
+            + (f"; states: {stats['state_dim']}-d" if stats.get("state_dim") else "; no states")
+            + f" (statistics in {Path(out_dir) / MANIFEST_NAME})"]
+
+
+def _bridge_options(p: Any) -> None:
+    p.add_argument("--split", default="train", help="annotation/<split> to convert, or 'all' (default train)")
+    p.add_argument("--camera", type=int, default=0, help="index into each JSON's videos list (default 0)")
+    p.add_argument("--bridge-actions", choices=list(BRIDGE_ACTION_MODES), default="json",
+                   help="json: the 'action' key as stored (default); states: recomputed from 'state' + "
+                   "'continuous_gripper_state' (IRASim / cosmos-predict1 relative actions, unscaled)")
+
+
+def _lerobot_options(p: Any) -> None:
+    p.add_argument("--camera", default=None, help="video key, e.g. observation.images.top (default: the first)")
+    p.add_argument("--action-key", default="action", help="parquet column of the actions (default action)")
+    p.add_argument("--state-key", default="observation.state",
+                   help="parquet column of the states; 'none' for no states (default observation.state)")
+
+
+_COMMON = dict(recipe="action_control", keeps_source_fps=True, all_clips=True, unit="episodes", summary=_summary)
+_TAIL = (". Clips keep the source frame rate (no --fps); the manifest holds the action_dim and per-dimension "
+         "statistics. See data_prep/action_control.py.")
+for _source in (
+    PrepSource(name="bridge", help="IRASim/Bridge robot episodes (annotation/<split>/<id>.json + videos) -> clip shards "
+               "with actions", add_arguments=_bridge_options,
+               run=_run("bridge", lambda a: {"split": None if a.split == "all" else a.split, "camera": int(a.camera),
+                                             "actions": a.bridge_actions}), **_COMMON),
+    PrepSource(name="lerobot", help="LeRobot v2.0/v2.1 episodes (meta/info.json, parquet, per-camera mp4) -> clip "
+               "shards with actions", add_arguments=_lerobot_options,
+               run=_run("lerobot", lambda a: {"camera": a.camera, "action_key": a.action_key,
+                                              "state_key": None if a.state_key in ("", "none") else a.state_key}),
+               **_COMMON),
+    PrepSource(name="episodes", help="a folder of <name>.mp4 + <name>.npy actions [T-1, dim] (+ <name>.state.npy, "
+               "<name>.txt) -> clip shards with actions", run=_run("episodes", lambda a: {}), **_COMMON),
+):
+    register_source(dataclasses.replace(_source, description=_source.help + _TAIL))

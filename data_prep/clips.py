@@ -39,6 +39,7 @@ clip_index, start_frame, source_fps, ... plus the source's extra fields) and ``<
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ from tqdm import tqdm
 
 from nemo_ext.data.shards import (MANIFEST_NAME, ShardError, ShardInfo, ShardWriter, read_manifest,
                                   write_manifest)
+from nemo_ext.data.signals import merge_stats, rows_stats, stats_json
 # The one-pass decoder below uses video.py's container opener and its fork-safe, single-threaded
 # pixel converter instead of frame.to_ndarray() (which deadlocks forked workers).
 from nemo_ext.data.video import VideoDecodeError, encode_video, frame_converter, open_video, resize_and_crop
@@ -253,6 +255,7 @@ class PrepResult:
     num_units: int
     units_skipped: int
     report: Path
+    spec: ClipSpec | None = None  # the clips made
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +278,18 @@ def find_videos(raw: str | os.PathLike, exclude: str | os.PathLike | None = None
             if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_EXTENSIONS:
                 found.append((here / name).relative_to(root).as_posix())
     return sorted(found)
+
+
+def raw_videos(raw: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
+    """:func:`find_videos` of a RAW folder the sources read, with the errors they share: RAW is no
+    directory, or holds no video."""
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise PrepError(f"RAW {raw} is not a directory")
+    rels = find_videos(raw, exclude=exclude)
+    if not rels:
+        raise PrepError(f"RAW {raw} holds no videos (looked for {' '.join(VIDEO_EXTENSIONS)}, recursively)")
+    return rels
 
 
 def source_video(raw: Path, rel: str, caption: str | None, meta: Mapping[str, Any] | None = None,
@@ -638,54 +653,6 @@ def _process_video(video: SourceVideo, spec: ClipSpec) -> tuple[list[dict[str, A
         return [], f"unexpected error: {type(e).__name__}: {e}"
 
 
-# --------------------------------------------------------------------------------------------
-# Sidecar statistics (per-dimension, mergeable: count, mean, M2, min, max; Chan et al.)
-# --------------------------------------------------------------------------------------------
-
-
-def _rows_stats(rows: np.ndarray) -> dict[str, Any]:
-    flat = rows.reshape(rows.shape[0], -1).astype(np.float64)
-    mean = flat.mean(axis=0)
-    return {"shape": list(rows.shape[1:]), "count": int(flat.shape[0]), "mean": mean,
-            "m2": ((flat - mean) ** 2).sum(axis=0), "min": flat.min(axis=0), "max": flat.max(axis=0)}
-
-
-def _merge_stats(a: dict[str, Any] | None, b: dict[str, Any], ext: str) -> dict[str, Any]:
-    """Combine two partial statistics (arrays or JSON lists) of the same sidecar."""
-    if a is None or not a.get("count"):
-        return {k: (np.asarray(v, dtype=np.float64) if k in ("mean", "m2", "min", "max") else v)
-                for k, v in b.items()}
-    if not b.get("count"):
-        return a
-    if list(a["shape"]) != list(b["shape"]):
-        raise PrepError(f"sidecar {ext!r} has rows of shape {list(a['shape'])} and {list(b['shape'])} in the same "
-                        "dataset; every video's rows must have one shape")
-    na, nb = a["count"], b["count"]
-    n = na + nb
-    ma, mb = np.asarray(a["mean"], dtype=np.float64), np.asarray(b["mean"], dtype=np.float64)
-    delta = mb - ma
-    return {"shape": list(a["shape"]), "count": n, "mean": ma + delta * (nb / n),
-            "m2": np.asarray(a["m2"], dtype=np.float64) + np.asarray(b["m2"], dtype=np.float64)
-            + delta ** 2 * (na * nb / n),
-            "min": np.minimum(a["min"], np.asarray(b["min"], dtype=np.float64)),
-            "max": np.maximum(a["max"], np.asarray(b["max"], dtype=np.float64))}
-
-
-def _stats_json(kind: str, st: dict[str, Any] | None, final: bool) -> dict[str, Any]:
-    """A sidecar's entry in a done record (``final=False``: mergeable, with M2) or in the manifest
-    (``final=True``: count, mean, population std, min, max per dimension, flattened row order)."""
-    out: dict[str, Any] = {"kind": kind}
-    if st is None or not st.get("count"):
-        return {**out, "count": 0} if kind != "static" else out
-    out.update(shape=list(st["shape"]), count=int(st["count"]), mean=[float(x) for x in st["mean"]],
-               min=[float(x) for x in st["min"]], max=[float(x) for x in st["max"]])
-    if final:
-        out["std"] = [float(x) for x in np.sqrt(np.maximum(np.asarray(st["m2"]) / st["count"], 0.0))]
-    else:
-        out["m2"] = [float(x) for x in st["m2"]]
-    return out
-
-
 _progress_queue: Any = None  # set in pool workers: one item per finished video
 
 
@@ -720,7 +687,7 @@ def _run_unit(task: _UnitTask, on_video: Callable[[], None] | None = None) -> di
                 for sc in video.sidecars:
                     rows = sample[sc.ext]
                     if sc.kind != "static" and rows.shape[0]:
-                        stats[sc.ext] = _merge_stats(stats.get(sc.ext), _rows_stats(rows), sc.ext)
+                        stats[sc.ext] = merge_stats(stats.get(sc.ext), rows_stats(rows), sc.ext)
             num_clips += len(samples)
             if on_video is not None:
                 on_video()
@@ -738,7 +705,7 @@ def _run_unit(task: _UnitTask, on_video: Callable[[], None] | None = None) -> di
                     "num_bytes": info.num_bytes, "sha256": info.sha256} for info in writer.shards],
     }
     if kinds:  # only for sources with sidecars: the records of the others stay as they were
-        record["sidecars"] = {ext: _stats_json(kind, stats.get(ext), final=False) for ext, kind in sorted(kinds.items())}
+        record["sidecars"] = {ext: stats_json(kind, stats.get(ext), final=False) for ext, kind in sorted(kinds.items())}
     _write_json_atomic(_done_path(out_dir, task.unit), record)
     return record
 
@@ -906,8 +873,9 @@ def prepare(source: str, videos: Sequence[SourceVideo], out_dir: str | os.PathLi
         records.update(_run_units(todo, workers, bar))
     finally:
         bar.close()
-    return _merge(out_dir, source, params, [records[u] for u in range(len(units))], list(source_issues),
-                  dict(info or {}), units_skipped=len(units) - len(todo))
+    result = _merge(out_dir, source, params, [records[u] for u in range(len(units))], list(source_issues),
+                    dict(info or {}), units_skipped=len(units) - len(todo))
+    return dataclasses.replace(result, spec=spec)
 
 
 def _merge_sidecar_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -920,8 +888,8 @@ def _merge_sidecar_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
                 raise PrepError(f"sidecar {ext!r} is {kinds[ext]!r} in one work unit and {entry['kind']!r} in another")
             merged.setdefault(ext, None)
             if entry.get("count"):
-                merged[ext] = _merge_stats(merged[ext], entry, ext)
-    return {ext: _stats_json(kinds[ext], merged[ext], final=True) for ext in sorted(kinds)}
+                merged[ext] = merge_stats(merged[ext], entry, ext)
+    return {ext: stats_json(kinds[ext], merged[ext], final=True) for ext in sorted(kinds)}
 
 
 def _merge(out_dir: Path, source: str, params: dict[str, Any], records: list[dict[str, Any]],
@@ -956,3 +924,32 @@ def _merge(out_dir: Path, source: str, params: dict[str, Any], records: list[dic
                       num_rejected=len(rejects), num_source_issues=len(source_issues), num_clips=num_clips,
                       num_shards=len(shard_infos), num_units=len(records), units_skipped=units_skipped,
                       report=report)
+
+
+# --------------------------------------------------------------------------------------------
+# The prep CLI's shared options -> the clip spec, the layout and the common arguments
+# --------------------------------------------------------------------------------------------
+
+
+def clip_options(args: Any, cfg: Any, keeps_source_fps: bool = False) -> tuple[ClipSpec, ShardLayout, dict[str, Any]]:
+    """``python -m nemo_ext.cli.prep <source>``'s shared options (clips, sharding, workers) with the
+    recipe's ``data.*`` values as defaults -> (spec, layout, keyword arguments of the converters:
+    workers, progress, info). ``keeps_source_fps``: clips keep each input's frame rate (``spec.fps``
+    None; the CLI refuses ``--fps`` for such sources)."""
+    data = cfg.data
+    if keeps_source_fps:
+        fps = None
+    else:
+        fps = args.fps if hasattr(args, "fps") else (float(data.fps) if data.fps is not None else None)
+    spec = ClipSpec(
+        clip_frames=args.clip_frames if args.clip_frames is not None else int(data.num_frames),
+        height=args.height if args.height is not None else int(data.height),
+        width=args.width if args.width is not None else int(data.width),
+        fps=fps, resize_mode=args.resize_mode or str(data.resize_mode),
+        clips_per_video=args.clips_per_video, codec=args.codec)
+    layout = ShardLayout(videos_per_unit=args.videos_per_unit, max_shard_bytes=args.max_shard_bytes,
+                         max_clips_per_shard=args.max_clips_per_shard)
+    if args.workers < 1:
+        raise PrepError(f"--workers must be >= 1, got {args.workers}")
+    info = {"recipe": args.recipe, "family": args.family, "overrides": list(args.overrides)}
+    return spec, layout, {"workers": args.workers, "progress": not args.no_progress, "info": info}

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.clips import (ClipSpec, PrepError, PrepResult, ShardLayout, SourceVideo, find_videos, prepare,
-                             source_video)
+from data_prep.clips import (ClipSpec, PrepError, PrepResult, ShardLayout, SourceVideo, clip_options, prepare,
+                             raw_videos, source_video)
+from nemo_ext.data.sources import PrepSource, register_source
 
 logger = logging.getLogger(__name__)
 
@@ -44,27 +45,27 @@ class CaptionRow:
     caption: str
 
 
-def _read_csv(path: Path) -> list[CaptionRow]:
+def _read_csv(path: Path, text: str = "caption") -> list[CaptionRow]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         columns = [c.strip().lower() for c in header or []]
-        if "video" not in columns or "caption" not in columns:
-            raise PrepError(f"captions file {path}: the first line must be a header naming the columns "
-                            f"'video' and 'caption', got {header!r}")
-        iv, ic = columns.index("video"), columns.index("caption")
+        if "video" not in columns or text not in columns:
+            raise PrepError(f"{text}s file {path}: the first line must be a header naming the columns "
+                            f"'video' and '{text}', got {header!r}")
+        iv, ic = columns.index("video"), columns.index(text)
         rows = []
         for record in reader:
             if not any(cell.strip() for cell in record):
                 continue
             if len(record) <= max(iv, ic):
-                raise PrepError(f"captions file {path} line {reader.line_num}: expected {len(columns)} "
+                raise PrepError(f"{text}s file {path} line {reader.line_num}: expected {len(columns)} "
                                 f"columns ({', '.join(columns)}), got {len(record)}: {record!r}")
             rows.append(CaptionRow(reader.line_num, record[iv].strip(), record[ic].strip()))
     return rows
 
 
-def _read_jsonl(path: Path) -> list[CaptionRow]:
+def _read_jsonl(path: Path, text: str = "caption") -> list[CaptionRow]:
     rows = []
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
@@ -73,33 +74,34 @@ def _read_jsonl(path: Path) -> list[CaptionRow]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PrepError(f"captions file {path} line {line_no}: not valid JSON ({e})") from e
+                raise PrepError(f"{text}s file {path} line {line_no}: not valid JSON ({e})") from e
             if not isinstance(obj, dict):
-                raise PrepError(f"captions file {path} line {line_no}: expected an object "
-                                f'{{"video": ..., "caption": ...}}, got {type(obj).__name__}')
-            for k in ("video", "caption"):
+                raise PrepError(f"{text}s file {path} line {line_no}: expected an object "
+                                f'{{"video": ..., "{text}": ...}}, got {type(obj).__name__}')
+            for k in ("video", text):
                 if not isinstance(obj.get(k), str):
-                    raise PrepError(f"captions file {path} line {line_no}: field {k!r} must be a string, "
+                    raise PrepError(f"{text}s file {path} line {line_no}: field {k!r} must be a string, "
                                     f"got {obj.get(k)!r}")
-            rows.append(CaptionRow(line_no, obj["video"].strip(), obj["caption"].strip()))
+            rows.append(CaptionRow(line_no, obj["video"].strip(), obj[text].strip()))
     return rows
 
 
-def read_captions(path: str | os.PathLike) -> list[CaptionRow]:
-    """Rows of a ``.csv`` or ``.jsonl`` captions file; raises :class:`PrepError` if malformed."""
+def read_captions(path: str | os.PathLike, text: str = "caption") -> list[CaptionRow]:
+    """Rows of a ``.csv`` or ``.jsonl`` file of ``video`` and ``text`` (caption, or instruction for the
+    instruction task's table source); raises :class:`PrepError` if malformed."""
     path = Path(path)
     if not path.is_file():
-        raise PrepError(f"captions file {path} does not exist")
+        raise PrepError(f"{text}s file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path)
+        return _read_csv(path, text)
     if suffix == ".jsonl":
-        return _read_jsonl(path)
-    raise PrepError(f"captions file {path}: expected a .csv (columns video, caption) or a .jsonl "
-                    f'({{"video": ..., "caption": ...}} per line), got {suffix or "no extension"}')
+        return _read_jsonl(path, text)
+    raise PrepError(f"{text}s file {path}: expected a .csv (columns video, {text}) or a .jsonl "
+                    f'({{"video": ..., "{text}": ...}} per line), got {suffix or "no extension"}')
 
 
-def _resolve_row(video: str, raw: Path, rels: set[str], by_name: Mapping[str, list[str]]) -> tuple[str | None, str]:
+def resolve_video_row(video: str, raw: Path, rels: set[str], by_name: Mapping[str, list[str]]) -> tuple[str | None, str]:
     """(relative path, "") of the video a row names, or (None, why not)."""
     value = video.strip()
     if not value:
@@ -137,7 +139,7 @@ def match_captions(raw: Path, rels: list[str], rows: list[CaptionRow],
     per_video: dict[str, list[CaptionRow]] = {}
     issues: list[dict[str, str]] = []
     for row in rows:
-        rel, why = _resolve_row(row.video, raw, rel_set, by_name)
+        rel, why = resolve_video_row(row.video, raw, rel_set, by_name)
         if rel is None:
             issues.append({"video": row.video, "reason": f"{captions_name} line {row.line}: {why}"})
         else:
@@ -171,11 +173,7 @@ def collect_videos(raw: str | os.PathLike, captions: str | os.PathLike | None = 
                         "videos (--caption TEXT)")
     if caption is not None and not caption.strip():
         raise PrepError("--caption is empty; give a caption text or a captions file")
-    if not raw.is_dir():
-        raise PrepError(f"RAW {raw} is not a directory")
-    rels = find_videos(raw, exclude=exclude)
-    if not rels:
-        raise PrepError(f"RAW {raw} holds no videos (looked for .mp4 .mov .mkv .webm .avi, recursively)")
+    rels = raw_videos(raw, exclude=exclude)
     issues: list[dict[str, str]] = []
     if captions is not None:
         rows = read_captions(captions)
@@ -199,3 +197,22 @@ def prepare_videos(raw: str | os.PathLike, out: str | os.PathLike, spec: ClipSpe
         logger.info("%s: %s", issue["video"], issue["reason"])
     return prepare(SOURCE, videos, out, spec, layout, workers=workers, source_params=params,
                    source_issues=issues, info=info, progress=progress)
+
+
+def _run(args: Any, cfg: Any) -> PrepResult:
+    if (args.captions is None) == (args.caption is None):
+        raise PrepError("videos needs exactly one of --captions FILE (csv/jsonl with video,caption) or --caption TEXT "
+                        "(one caption for all videos)")
+    spec, layout, common = clip_options(args, cfg)
+    return prepare_videos(Path(args.raw), Path(args.out), spec, layout, captions=args.captions, caption=args.caption,
+                          **common)
+
+
+def _options(p: Any) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--captions", default=None, help="csv (columns video,caption) or jsonl captions file")
+    group.add_argument("--caption", default=None, help="one caption for every video")
+
+
+register_source(PrepSource(name="videos", help="a folder of videos + captions -> clip shards", run=_run,
+                           add_arguments=_options))

@@ -55,7 +55,7 @@ def megatron_world():
 @pytest.fixture(scope="session")
 def sample_world(tmp_path_factory) -> Path:
     """A 16-video sample world at the dit_tiny recipe's clip size (64x64, 33 frames)."""
-    from data_prep.sample_world import generate
+    from nemo_ext.worlds import generate
 
     out = tmp_path_factory.mktemp("sample_world") / "general"
     generate(out_dir=out, variant="general", num_videos=16, num_frames=33, height=64, width=64, seed=0, progress=False)

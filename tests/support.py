@@ -45,7 +45,7 @@ def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", t
             family: str = "diffusion"):
     """Run ``python -m nemo_ext.cli.train`` (``torchrun`` when nproc > 1) on ``device`` (cpu: gloo,
     gpu: NCCL), the path a user's run takes. Returns a CliRun, or with ``background=True`` a
-    (Popen, run_dir) pair."""
+    (Popen, run_dir) pair, its console output in ``<run dir>.console.log``."""
     args = ["--recipe", recipe, "--family", family, f"trainer.device={device}", "trainer.progress_bar=false", f"runs_dir={runs_dir}",
             f"run_name={run_name}", *overrides]
     if nproc > 1:
@@ -61,8 +61,10 @@ def run_cli(overrides, runs_dir: Path, nproc: int = 1, run_name: str = "test", t
     default_model = "ar_tiny" if family == "ar" else "dit_tiny"
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), default_model)
     run_dir = Path(runs_dir) / recipe / f"{family}_{model}" / run_name
-    if background:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), run_dir
+    if background:  # its console output: <run dir>.console.log (beside the run)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{run_name}.console.log", "w") as log:
+            return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

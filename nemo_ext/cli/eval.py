@@ -2,17 +2,15 @@
 
     python -m nemo_ext.cli.eval --ckpt <run dir | checkpoint dir | .../last | last> [options] [key=value ...]
 
-The run's config.yaml says which task it is; each task with an evaluation registers it in
-EVALUATIONS below (a module with ``add_arguments(parser)`` and ``run_eval(args) -> exit code``):
-
-  action_control  autoregressive rollouts over held-out episodes from the first frame and the full
-                  action sequence; per-step PSNR / SSIM, latent L2 (diffusion) or token accuracy (AR);
-                  action sensitivity (the same rollout with shuffled actions); report.json,
-                  metrics.png and rollout mp4s in <run>/eval/<name>/ (nemo_ext/eval/action_control.py)
+The run's config.yaml says which task it is; each task registers its evaluation from its folder
+(``nemo_ext/tasks/<task>/evaluation.py``, on the shared core ``nemo_ext/eval/core.py``). Rollout
+evaluations roll the model out over held-out episodes under the task's conditioning and under a
+control that permutes it (and, with --base, the base model), and write report.json (the schema in
+``nemo_ext/eval/report.py``), metrics.png and side-by-side mp4s into <run>/eval/<name>/.
 
 Examples:
     python -m nemo_ext.cli.eval --ckpt runs/action_control/diffusion_dit_tiny_v2w_s2d/default --episodes 8
-    python -m nemo_ext.cli.eval --ckpt last --recipe action_control --family ar --steps 2 --shuffle episodes
+    python -m nemo_ext.cli.eval --ckpt last --recipe action_control --family ar --steps 2 --control episodes
     make recipe=action_control eval CKPT=last ARGS="--episodes 16 --sampler-steps 20"
 
 Trailing key=value arguments override the run's config (e.g. model.tokenizer.builtin_weights=...).
@@ -21,17 +19,23 @@ Trailing key=value arguments override the run's config (e.g. model.tokenizer.bui
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
-# task name -> module with add_arguments(parser) and run_eval(args)
-EVALUATIONS = {"action_control": "nemo_ext.eval.action_control"}
+
+def _evaluations_epilog() -> str:
+    try:
+        from nemo_ext.eval.core import EVALUATIONS
+
+        return "evaluations:\n" + "\n".join(f"  {e.task}: {e.description}" for e in EVALUATIONS.values())
+    except Exception as exc:  # noqa: BLE001 - --help must work even when a task package does not import
+        return f"(cannot list the evaluations: {exc})"
 
 
 def common_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nemo_ext.cli.eval", description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=_evaluations_epilog() if add_help else None)
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint dir, <run>/checkpoints/last, or 'last' "
                    "(the newest run of --recipe/--family/--model)")
     p.add_argument("--out", default=None, help="output directory (default: <run>/eval/<name>)")
@@ -82,13 +86,17 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"eval error: {exc}", file=sys.stderr)
         return 2
+    from nemo_ext.eval.core import EVALUATIONS, add_rollout_arguments, run_rollout_eval
+
     if task not in EVALUATIONS:
         print(f"eval error: the run at {first.ckpt} is a {task!r} task run; evaluations exist for: "
-              f"{', '.join(sorted(EVALUATIONS))}", file=sys.stderr)
+              f"{', '.join(EVALUATIONS.names())}", file=sys.stderr)
         return 2
-    module = importlib.import_module(EVALUATIONS[task])
+    spec = EVALUATIONS.get(task)
     parser = common_parser()
-    module.add_arguments(parser)
+    if spec.run is None:
+        add_rollout_arguments(parser, spec.controls)
+    spec.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_intermixed_args(argv)
 
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
 
     _show_our_logs()
     try:
-        return module.run_eval(args)
+        return spec.run(args) if spec.run is not None else run_rollout_eval(spec, args)
     except (ConfigError, FileNotFoundError, ValueError, IndexError) as exc:  # EvalError is a ValueError
         print(f"eval error: {exc}", file=sys.stderr)
         return 2

@@ -1,16 +1,15 @@
 """Data preparation: turn raw data into training shards.
 
     python -m nemo_ext.cli.prep sample --recipe general [hydra overrides ...]
-        the embedded procedural sample world of a recipe, written where its training run looks
-        (data.sample_dir, default data/sample/<variant>/) at the recipe's clip size; overrides
+        the procedural sample world of a recipe (its task's world), written where its training run
+        looks (data.sample_dir, default data/sample/<variant>/) at the recipe's clip size; overrides
         such as data.sample_num_videos=256 or data.height=128 change it
     python -m nemo_ext.cli.prep sample --out DIR [--variant general --num-videos N ...]
-        the same generator with explicit parameters, anywhere
-    python -m nemo_ext.cli.prep videos --raw DIR --out DIR (--captions FILE | --caption TEXT) [options]
-        a folder of videos (recursive) + captions (csv with columns video,caption or jsonl) ->
-        clip shards; clip length/size/fps/resize mode default to the recipe's data.* values
-    python -m nemo_ext.cli.prep instructions --raw DIR --out DIR [options]
-        videos with a same-stem JSON of language instructions next to each -> clip shards
+        the same generator with explicit parameters, anywhere (--variant: any registered world)
+    python -m nemo_ext.cli.prep <source> --raw DIR --out DIR [options] [hydra overrides]
+        a converter (the sources are listed below, registered by the modules of data_prep/): raw data
+        -> validated clip shards; clip length/size/fps/resize mode default to the source's recipe's
+        data.* values (--recipe)
     python -m nemo_ext.cli.prep latents --from <video shards> --out DIR [--recipe general] [overrides]
         precompute tokenizer latents + T5 embeddings (data.kind=latent trains on them)
     python -m nemo_ext.cli.prep tokens --from <video shards> --out DIR [--recipe general --family ar] [overrides]
@@ -19,15 +18,9 @@
         train the built-in FSQ tokenizer (model.tokenizer.path null) on the sample world or video
         shards and save its weights (use them with model.tokenizer.builtin_weights=FILE)
 
-    python -m nemo_ext.cli.prep bridge|lerobot|episodes --raw DIR --out DIR [options]
-        robot episodes (IRASim/Bridge annotation JSON + videos; LeRobot v2.x; a folder of
-        <name>.mp4 + <name>.npy actions) -> clip shards with actions.npy (T-1 rows for T frames)
-        and states.npy sidecars, plus action_stats.json (normalisation statistics); all clips of
-        each episode by default, at the source frame rate, cut at the action_control recipe's clip
-        length unless --recipe says otherwise (see data_prep/action_control.py)
-
-videos/instructions/bridge/lerobot/episodes are resumable (re-run the same command) and write report.jsonl (one line per
-rejected video) and manifest.json into OUT. Exit codes: 0 ok, 1 no clip written, 2 usage error.
+The converters are resumable (re-run the same command) and write report.jsonl (one line per rejected
+input) and manifest.json (shards, counts, sha256 and every signal's statistics) into OUT.
+Exit codes: 0 ok, 1 no clip written, 2 usage error.
 """
 
 from __future__ import annotations
@@ -41,7 +34,7 @@ from pathlib import Path
 
 def _sample(args) -> int:
     if args.out:
-        from data_prep.sample_world import generate
+        from nemo_ext.worlds import generate
 
         generate(out_dir=args.out, variant=args.variant, num_videos=args.num_videos, num_frames=args.num_frames,
                  height=args.height, width=args.width, fps=args.fps, seed=args.seed, workers=args.workers)
@@ -87,25 +80,25 @@ def _bytes_arg(text: str) -> int:
     return value
 
 
-def _add_clip_source(p: argparse.ArgumentParser, captions: bool) -> None:
-    """Arguments shared by the ``videos`` and ``instructions`` sources."""
-    p.add_argument("--raw", required=True, help="input folder (searched recursively)")
+def _add_source_arguments(p: argparse.ArgumentParser, source) -> None:
+    """The options every converter shares (inputs, clips, sharding), then the source's own."""
+    p.add_argument("--raw", required=True, help="input folder")
     p.add_argument("--out", required=True, help="output folder for the shards (not RAW)")
-    if captions:
-        group = p.add_mutually_exclusive_group()
-        group.add_argument("--captions", default=None, help="csv (columns video,caption) or jsonl captions file")
-        group.add_argument("--caption", default=None, help="one caption for every video")
-    p.add_argument("--recipe", default="general", help="recipe whose data.* values are the defaults")
+    p.add_argument("--recipe", default=source.recipe,
+                   help=f"recipe whose data.* values are the clip defaults (default {source.recipe})")
     p.add_argument("--family", default="diffusion", choices=["diffusion", "ar"])
     clip = p.add_argument_group("clips (default: the recipe's data.num_frames/height/width/fps/resize_mode)")
-    clip.add_argument("--clip-frames", type=int, default=None, help="frames per clip, 1 + 8k")
+    clip.add_argument("--clip-frames", type=int, default=None, help="frames per clip, 1 + ck (c: the tokenizer's time "
+                      "compression)")
     clip.add_argument("--fps", type=_fps_arg, default=argparse.SUPPRESS,
-                      help="resample clips to this frame rate, or 'source' to keep each video's own")
+                      help=argparse.SUPPRESS if source.keeps_source_fps else
+                      "resample clips to this frame rate, or 'source' to keep each video's own")
     clip.add_argument("--height", type=int, default=None, help="clip height, a multiple of 16")
     clip.add_argument("--width", type=int, default=None, help="clip width, a multiple of 16")
     clip.add_argument("--resize-mode", choices=["crop", "pad"], default=None)
-    clip.add_argument("--clips-per-video", type=int, default=1,
-                      help="evenly spaced non-overlapping clips per video; 0 = all of them (default 1)")
+    clip.add_argument("--clips-per-video", type=int, default=0 if source.all_clips else 1,
+                      help=f"evenly spaced non-overlapping clips per input; 0 = all of them (default "
+                      f"{0 if source.all_clips else 1})")
     clip.add_argument("--codec", choices=["h264", "vp9"], default="h264",
                       help="h264 (NVDEC on GPU, default) or vp9 (DALI's CPU decoder reads it)")
     out = p.add_argument_group("sharding")
@@ -115,6 +108,7 @@ def _add_clip_source(p: argparse.ArgumentParser, captions: bool) -> None:
     out.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                      help="parallel processes (does not change the output)")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    source.add_arguments(p.add_argument_group(f"{source.name} source"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe (e.g. data.height=256)")
 
 
@@ -123,10 +117,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _clips(args) -> int:
-    """The ``videos`` / ``instructions`` sources: recipe defaults, checks, prepare, summary."""
-    from data_prep.clips import ClipSpec, PrepError, ShardLayout
-
+def _convert(source, args) -> int:
+    """One converter run: checks, the recipe's clip defaults, the source, the summary."""
     raw, out = Path(args.raw), Path(args.out)
     if not raw.is_dir():
         return _fail(f"--raw {raw} is not a directory")
@@ -134,9 +126,9 @@ def _clips(args) -> int:
         return _fail(f"--out {out} exists and is not a directory")
     if out.resolve() == raw.resolve():
         return _fail(f"--out {out} is the input folder --raw; write the shards to another folder")
-    if args.command == "videos" and (args.captions is None) == (args.caption is None):
-        return _fail("videos needs exactly one of --captions FILE (csv/jsonl with video,caption) or "
-                     "--caption TEXT (one caption for all videos)")
+    if source.keeps_source_fps and getattr(args, "fps", None) is not None:
+        return _fail(f"--fps {args.fps:g}: {source.name} keeps each episode's own frame rate (a row of its signals is "
+                     "one recorded step; a clip resampled in time would need invented ones)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from nemo_ext.config.compose import ConfigError, compose, to_typed
@@ -145,109 +137,23 @@ def _clips(args) -> int:
         cfg = to_typed(compose(args.recipe, args.family, args.overrides))
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
-    data = cfg.data
     try:
-        spec = ClipSpec(
-            clip_frames=args.clip_frames if args.clip_frames is not None else int(data.num_frames),
-            height=args.height if args.height is not None else int(data.height),
-            width=args.width if args.width is not None else int(data.width),
-            fps=args.fps if hasattr(args, "fps") else (float(data.fps) if data.fps is not None else None),
-            resize_mode=args.resize_mode or str(data.resize_mode),
-            clips_per_video=args.clips_per_video, codec=args.codec)
-        layout = ShardLayout(videos_per_unit=args.videos_per_unit, max_shard_bytes=args.max_shard_bytes,
-                             max_clips_per_shard=args.max_clips_per_shard)
-        if args.workers < 1:
-            raise PrepError(f"--workers must be >= 1, got {args.workers}")
-        info = {"recipe": args.recipe, "family": args.family, "overrides": list(args.overrides)}
-        common = dict(workers=args.workers, progress=not args.no_progress, info=info)
-        if args.command == "videos":
-            from data_prep.videos import prepare_videos
-
-            result = prepare_videos(raw, out, spec, layout, captions=args.captions, caption=args.caption, **common)
-        else:
-            from data_prep.instructions import prepare_instructions
-
-            result = prepare_instructions(raw, out, spec, layout, **common)
-    except PrepError as exc:
+        result = source.run(args, cfg)
+    except ValueError as exc:  # the converters' PrepError and their option errors are ValueErrors
         return _fail(str(exc))
-    print(f"clips written: {result.num_clips} (from {result.num_videos_ok} of {result.num_videos} videos; "
-          f"{spec.clip_frames} frames at {spec.width}x{spec.height}, {spec.codec})")
-    print(f"videos rejected: {result.num_rejected} (one line each in {result.report})")
+    unit = source.unit
+    print(f"clips written: {result.num_clips} (from {result.num_videos_ok} of {result.num_videos} {unit}; "
+          f"{result.spec.clip_frames} frames at {result.spec.width}x{result.spec.height}, {result.spec.codec})")
+    print(f"{unit} rejected: {result.num_rejected} (one line each in {result.report})")
     if result.num_source_issues:
-        print(f"caption rows naming no video: {result.num_source_issues} (also in {result.report})")
+        print(f"source rows naming no video: {result.num_source_issues} (also in {result.report})")
+    for line in source.summary(out):
+        print(line)
     print(f"shards: {result.num_shards}" + (f" ({result.units_skipped} of {result.num_units} work units were "
                                             "already done)" if result.units_skipped else ""))
     print(f"output: {result.out_dir}")
     if result.num_clips == 0:
-        print(f"error: no clip was written; see {result.report} for why each video was rejected", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _actions(args) -> int:
-    """The robot-episode sources (``bridge``, ``lerobot``, ``episodes``): recipe defaults for the
-    clip size, checks, prepare with action sidecars, summary."""
-    from data_prep.action_control import ACTION_STATS_NAME, prepare_actions
-    from data_prep.clips import ClipSpec, PrepError, ShardLayout
-
-    raw, out = Path(args.raw), Path(args.out)
-    if not raw.is_dir():
-        return _fail(f"--raw {raw} is not a directory")
-    if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} exists and is not a directory")
-    if out.resolve() == raw.resolve():
-        return _fail(f"--out {out} is the input folder --raw; write the shards to another folder")
-    if getattr(args, "fps", None) is not None:
-        return _fail(f"--fps {args.fps:g}: {args.command} keeps each episode's own frame rate (an action is one recorded "
-                     "transition; a clip resampled in time would need invented actions)")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nemo_ext.config.compose import ConfigError, compose, to_typed
-
-    try:
-        cfg = to_typed(compose(args.recipe, args.family, args.overrides))
-    except ConfigError as exc:
-        return _fail(f"config error: {exc}")
-    data = cfg.data
-    options: dict = {}
-    if args.command == "bridge":
-        options = {"split": None if args.split == "all" else args.split, "camera": int(args.camera or 0),
-                   "actions": args.bridge_actions}
-    elif args.command == "lerobot":
-        options = {"camera": args.camera, "action_key": args.action_key,
-                   "state_key": None if args.state_key in ("", "none") else args.state_key}
-    elif args.camera is not None:
-        return _fail("--camera is for the bridge and lerobot sources")
-    try:
-        spec = ClipSpec(
-            clip_frames=args.clip_frames if args.clip_frames is not None else int(data.num_frames),
-            height=args.height if args.height is not None else int(data.height),
-            width=args.width if args.width is not None else int(data.width),
-            fps=None, resize_mode=args.resize_mode or str(data.resize_mode),
-            clips_per_video=args.clips_per_video, codec=args.codec)
-        layout = ShardLayout(videos_per_unit=args.videos_per_unit, max_shard_bytes=args.max_shard_bytes,
-                             max_clips_per_shard=args.max_clips_per_shard)
-        if args.workers < 1:
-            raise PrepError(f"--workers must be >= 1, got {args.workers}")
-        info = {"recipe": args.recipe, "family": args.family, "overrides": list(args.overrides)}
-        result = prepare_actions(args.command, raw, out, spec, layout, workers=args.workers,
-                                 progress=not args.no_progress, info=info, **options)
-    except PrepError as exc:
-        return _fail(str(exc))
-    from data_prep.action_control import read_action_stats
-
-    stats = read_action_stats(out)
-    print(f"clips written: {result.num_clips} (from {result.num_videos_ok} of {result.num_videos} episodes; "
-          f"{spec.clip_frames} frames at {spec.width}x{spec.height}, {spec.codec})")
-    print(f"episodes rejected: {result.num_rejected} (one line each in {result.report})")
-    print(f"actions: {stats['action_dim']}-d, {stats['count']} transitions"
-          + (f"; states: {stats['state_dim']}-d" if stats.get("state_dim") else "; no states")
-          + f" (statistics in {out / ACTION_STATS_NAME})")
-    print(f"shards: {result.num_shards}" + (f" ({result.units_skipped} of {result.num_units} work units were "
-                                            "already done)" if result.units_skipped else ""))
-    print(f"output: {result.out_dir}")
-    if result.num_clips == 0:
-        print(f"error: no clip was written; see {result.report} for why each episode was rejected", file=sys.stderr)
+        print(f"error: no clip was written; see {result.report} for why each input was rejected", file=sys.stderr)
         return 1
     return 0
 
@@ -353,43 +259,11 @@ def main(argv=None) -> int:
     explicit.add_argument("--fps", type=float, default=8)
     explicit.add_argument("--seed", type=int, default=0)
     explicit.add_argument("--workers", type=int, default=1, help="parallel render/encode processes")
-    for name, help_text in (("videos", "a folder of videos + captions -> clip shards"),
-                            ("instructions", "videos + per-video instruction JSON -> clip shards")):
-        _add_clip_source(sub.add_parser(name, help=help_text, description=help_text), captions=name == "videos")
-    for name, help_text in (
-        ("bridge", "IRASim/Bridge robot episodes (annotation/<split>/<id>.json + videos) -> clip shards with actions"),
-        ("lerobot", "LeRobot v2.0/v2.1 episodes (meta/info.json, parquet, per-camera mp4) -> clip shards with actions"),
-        ("episodes", "a folder of <name>.mp4 + <name>.npy actions [T-1, dim] (+ <name>.state.npy, <name>.txt) -> "
-                     "clip shards with actions"),
-    ):
-        action_parser = sub.add_parser(name, help=help_text, description=help_text + ". Clips keep the source frame "
-                                       "rate (no --fps); action_stats.json next to the shards holds the action_dim and "
-                                       "per-dimension statistics. See data_prep/action_control.py.")
-        _add_clip_source(action_parser, captions=False)
-        # robot episodes are short: every clip of each, at the action_control recipe's clip length (the
-        # general recipe's 17 frames would reject every episode of a short robot dataset as too short)
-        action_parser.set_defaults(clips_per_video=0, recipe="action_control")
-        for action in action_parser._actions:
-            if action.dest == "recipe":
-                action.help = "recipe whose data.* values are the defaults (default action_control)"
-            elif action.dest == "clips_per_video":
-                action.help = "evenly spaced non-overlapping clips per episode; 0 = all of them (default 0)"
-            elif action.dest == "fps":
-                action.help = argparse.SUPPRESS  # the source frame rate is kept ('source' is accepted)
-        src = action_parser.add_argument_group(f"{name} source")
-        if name == "bridge":
-            src.add_argument("--split", default="train", help="annotation/<split> to convert, or 'all' (default train)")
-            src.add_argument("--camera", type=int, default=None, help="index into each JSON's videos list (default 0)")
-            src.add_argument("--bridge-actions", choices=["json", "states"], default="json",
-                             help="json: the 'action' key as stored (default); states: recomputed from 'state' + "
-                             "'continuous_gripper_state' (IRASim / cosmos-predict1 relative actions, unscaled)")
-        elif name == "lerobot":
-            src.add_argument("--camera", default=None, help="video key, e.g. observation.images.top (default: the first)")
-            src.add_argument("--action-key", default="action", help="parquet column of the actions (default action)")
-            src.add_argument("--state-key", default="observation.state",
-                             help="parquet column of the states; 'none' for no states (default observation.state)")
-        else:
-            action_parser.set_defaults(camera=None)
+    from nemo_ext.data.sources import SOURCES
+
+    for source in SOURCES.values():
+        _add_source_arguments(sub.add_parser(source.name, help=source.help, description=source.description or source.help),
+                              source)
     for name, family, sources, help_text, description, dtype_help in (
         ("latents", "diffusion", "`prep videos`", "video shards -> latent shards (tokenizer latents + T5 embeddings, precomputed)",
          "Encode every clip of video shards with the recipe's tokenizer and text encoder (model.tokenizer.path, "
@@ -444,10 +318,7 @@ def main(argv=None) -> int:
     if args.command == "train-tokenizer":
         return _train_tokenizer(args, extra)
     args.overrides = list(args.overrides) + extra
-    if args.command in ("bridge", "lerobot", "episodes"):
-        return _actions(args)
-    return _clips(args)
-
+    return _convert(SOURCES.get(args.command), args)
 
 if __name__ == "__main__":
     from nemo_ext.utils.console import quiet_known_notices

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             if run.family == "diffusion":
                 guidance = args.guidance
                 if guidance is None:
-                    guidance = 7.0 if getattr(run.cfg.task, "caption_dropout", 0.0) > 0 else 1.0
+                    guidance = 7.0 if run.cfg.task.caption_dropout > 0 else 1.0
                 out = g.generate_diffusion(run, clip, prompt, steps=args.steps, guidance=guidance, seed=args.seed,
                                            solver=args.solver)
             else:

@@ -69,3 +69,14 @@ class T5TextEncoder(torch.nn.Module):
     def train(self, mode: bool = True):
         """Frozen: stays in eval mode (no dropout) when Lightning switches the module to train."""
         return super().train(False)
+
+
+class TextConditioner(torch.nn.Module):
+    """The text tasks' conditioner (general, instruction): the caption's (instruction's) T5 embedding,
+    computed by the frozen encoder outside the trained model, routed to cross-attention; no parameters.
+    All the context's tokens are attended to (padding embeds as the encoder gives it), as Cosmos does."""
+
+    def forward(self, batch: dict):
+        from nemo_ext.conditioning import Conditioning
+
+        return Conditioning(context=batch["context"])

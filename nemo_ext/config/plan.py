@@ -138,6 +138,7 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
         raise ConfigError(f"data.sample_val_num_videos={d.sample_val_num_videos} must be >= 1 (held-out sample world)")
     _choice(d.resize_mode, "data.resize_mode", ["crop", "pad"])
     _choice(d.clip_sampling, "data.clip_sampling", ["random", "start"])
+    _choice(d.caption_choice, "data.caption_choice", ["first", "random"])
     if d.frame_stride < 1:
         raise ConfigError(f"data.frame_stride={d.frame_stride} must be >= 1")
     if d.micro_batch_size < 1:
@@ -148,6 +149,12 @@ def make_plan(cfg, world_size: Optional[int] = None, cuda_available: Optional[bo
             f"{d.micro_batch_size} x data-parallel size {dp}"
         )
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
+    if not d.path and not d.sources:
+        from nemo_ext.worlds import WORLDS
+
+        if d.sample_variant not in WORLDS:
+            raise ConfigError(f"data.sample_variant={d.sample_variant!r}: no such sample world; registered: "
+                              f"{', '.join(WORLDS.names())}")
     tok = m.tokenizer
     if d.num_frames < 1 or (d.num_frames - 1) % tok.temporal_compression:
         raise ConfigError(

@@ -53,6 +53,9 @@ class DataConfig:
     # world, a held-out sample world (other videos: seed 1) generated into `<sample_dir>_val`; with
     # `path` / `sources` given, no validation.
     val_path: Optional[str] = None
+    # A sample's caption: json `caption` (first), or one of its `instructions` drawn per draw of the
+    # sample (random: several instructions per episode, one each time it is seen)
+    caption_choice: str = "first"
     # A corrupt video met during training is skipped and counted; too many stop the run.
     max_failed_samples: int = 100
     max_failed_fraction: float = 0.01

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_ext.data.dataset import clip_seed_for
+from nemo_ext.data.dataset import CAPTION_CHOICES, caption_for, clip_seed_for
 from nemo_ext.data.shards import ShardError, expand_paths, index_tar, read_idx, write_idx
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class _SampleMeta:
     caption: str
     fps: float
     encoded: np.ndarray  # the encoded video bytes (kept to probe a failing micro-batch)
+    instructions: list = field(default_factory=list)  # json "instructions" (data.caption_choice=random)
     sidecars: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -189,7 +190,7 @@ class DaliVideoLoader:
                  device: str = "cpu", device_id: int | None = None, num_threads: int = 2,
                  sidecars: Mapping[str, str] | None = None, shuffle: bool = True,
                  initial_fill: int = 64, state: bytes | None = None, max_failed_samples: int = 100,
-                 max_failed_fraction: float = 0.01, video_ext: str = "mp4") -> None:
+                 max_failed_fraction: float = 0.01, video_ext: str = "mp4", caption_choice: str = "first") -> None:
         self._check_args(num_frames, height, width, micro_batch_size, dp_rank, dp_size, stride,
                          clip_sampling, resize_mode, device, num_threads, initial_fill,
                          max_failed_samples, max_failed_fraction)
@@ -202,6 +203,9 @@ class DaliVideoLoader:
         self.shuffle, self.initial_fill = shuffle, initial_fill
         self.max_failed_samples, self.max_failed_fraction = max_failed_samples, max_failed_fraction
         self.video_ext = video_ext
+        if caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"caption_choice must be one of {CAPTION_CHOICES}, got {caption_choice!r}")
+        self.caption_choice = caption_choice
         self.exts = [video_ext, "json", "nframes.npy", *self.sidecars]
         if device == "gpu":
             if device_id is None:
@@ -607,7 +611,8 @@ class DaliVideoLoader:
                             num_frames_total=n, start=int(np.array(start[i])),
                             caption=str(info_json.get("caption") or ""),
                             fps=float(info_json.get("fps", 0.0) or 0.0),
-                            encoded=np.array(encoded[i]))
+                            encoded=np.array(encoded[i]),
+                            instructions=list(info_json.get("instructions") or []))
             for (ext, kind), arrays in zip(self.sidecars.items(), side):
                 s.sidecars[ext] = self._cut_sidecar(np.array(arrays[i]), ext, kind, s)
             samples.append(s)
@@ -648,16 +653,17 @@ class DaliVideoLoader:
         if short:
             raise _BadSamples(short)
         video = _to_torch(video_tl.as_tensor(), self.device_id)
+        base = (self.micro_batches * self.dp_size + self.dp_rank) * self.micro_batch_size
+        seeds = [clip_seed_for(self.seed, base + i) for i in range(len(samples))]
         batch: dict[str, Any] = {
             "video": video,
-            "caption": [s.caption for s in samples],
+            "caption": [caption_for({"caption": s.caption, "instructions": s.instructions}, seed, self.caption_choice)
+                        for s, seed in zip(samples, seeds)],
             "key": [s.key for s in samples],
             "fps": torch.tensor([s.fps for s in samples], dtype=torch.float32),
             "num_frames_total": torch.tensor([s.num_frames_total for s in samples], dtype=torch.int64),
         }
-        base = (self.micro_batches * self.dp_size + self.dp_rank) * self.micro_batch_size
-        batch["sample_seed"] = torch.tensor([clip_seed_for(self.seed, base + i)
-                                             for i in range(len(samples))], dtype=torch.int64)
+        batch["sample_seed"] = torch.tensor(seeds, dtype=torch.int64)
         failed = torch.zeros(len(samples), dtype=torch.int64)
         failed[0] = self._new_failures
         self._new_failures = 0

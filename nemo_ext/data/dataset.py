@@ -34,11 +34,25 @@ SIDECAR_KINDS = ("frames", "transitions", "static")
 _RESIZE_MODES = ("crop", "pad")
 
 
+CAPTION_CHOICES = ("first", "random")
+
+
+def caption_for(meta: dict, sample_seed: int, choice: str = "first") -> str:
+    """A sample's caption: json ``caption`` (``first``), or one of json ``instructions`` drawn from the
+    sample's seed (``random``: one instruction per draw of the sample, the same in every loader and on
+    resume); "" when the json has neither."""
+    if choice == "random":
+        options = [str(t) for t in (meta.get("instructions") or []) if t] or [str(meta.get("caption") or "")]
+        return options[random.Random(f"caption:{sample_seed}").randrange(len(options))]
+    return str(meta.get("caption") or "")
+
+
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames (every ``stride``-th), resized to ``height x width``.
 
     ``__getitem__((sample_idx, clip_seed))`` returns ``video`` float32 ``[3, F, H, W]`` in
-    [-1, 1], ``caption`` (json ``caption``, "" if absent), ``key``, ``fps`` (json ``fps``) and
+    [-1, 1], ``caption`` (:func:`caption_for`: json ``caption``, or one of its ``instructions``), ``key``,
+    ``fps`` (json ``fps``) and
     ``num_frames_total``. The clip starts at 0 (``clip_sampling="start"``) or uniformly at random
     in ``[0, n - span]`` drawn from ``random.Random(clip_seed)`` (``"random"``), where
     ``span = (num_frames - 1) * stride + 1`` and ``n`` comes from ``nframes.npy`` (else json
@@ -48,7 +62,7 @@ class VideoClipDataset(Dataset):
     def __init__(self, index: ShardIndex, num_frames: int, height: int, width: int, stride: int = 1,
                  clip_sampling: str = "random", resize_mode: str = "crop",
                  video_ext: str = "mp4", sidecars: dict[str, str] | None = None,
-                 max_substitutions: int = 8) -> None:
+                 max_substitutions: int = 8, caption_choice: str = "first") -> None:
         if num_frames < 1 or stride < 1 or height < 1 or width < 1:
             raise ValueError(f"need num_frames, stride, height, width >= 1; got {num_frames}, "
                              f"{stride}, {height}, {width}")
@@ -56,6 +70,9 @@ class VideoClipDataset(Dataset):
             raise ValueError(f"clip_sampling must be one of {_CLIP_SAMPLING}, got {clip_sampling!r}")
         if resize_mode not in _RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+        if caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"caption_choice must be one of {CAPTION_CHOICES}, got {caption_choice!r}")
+        self.caption_choice = caption_choice
         self.index = index
         self.num_frames = num_frames
         self.height = height
@@ -116,7 +133,7 @@ class VideoClipDataset(Dataset):
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
         out = {
             "video": video.contiguous(),
-            "caption": str(meta.get("caption") or ""),
+            "caption": caption_for(meta, clip_seed, self.caption_choice),
             "key": ref.key,
             "fps": float(meta.get("fps", 0.0)),
             "num_frames_total": int(total),

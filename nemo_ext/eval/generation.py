@@ -144,6 +144,7 @@ class LoadedRun:
     run_dir: Optional[Path]
     weights: str  # "ema" | "raw": what was loaded
     step: Optional[int]
+    trained_from: Optional[str] = None  # the run's own trainer.init_from (the base it was post-trained from)
 
     @property
     def family(self) -> str:
@@ -213,6 +214,7 @@ def load_run(ckpt: str, *, weights: str = "auto", device: str = "auto", num_fram
         raise ConfigError(f"{path} is not inside a run directory (no <run>/config.yaml): pass --recipe "
                           "(and --family / --model) to say which model it holds")
 
+    trained_from = cfg.trainer.init_from
     # Generation settings: one model replica, decoded video in, this device.
     cfg.parallel = ParallelConfig()
     cfg.data = dataclasses.replace(cfg.data, kind="video", backend="pyav", micro_batch_size=1, global_batch_size=1,
@@ -240,7 +242,8 @@ def load_run(ckpt: str, *, weights: str = "auto", device: str = "auto", num_fram
     number = path.name[len("step_"):]
     step = int(number) if path.name.startswith("step_") and number.isdigit() else None
     logger.info("loaded %s weights of %s (%s, model=%s)", chosen, path, cfg.family, cfg.model.name)
-    return LoadedRun(cfg=cfg, plan=plan, module=module, ckpt=path, run_dir=run_dir, weights=chosen, step=step)
+    return LoadedRun(cfg=cfg, plan=plan, module=module, ckpt=path, run_dir=run_dir, weights=chosen, step=step,
+                     trained_from=trained_from)
 
 
 def _load_ema(module, ckpt: Path) -> None:
@@ -447,37 +450,56 @@ def dit_denoiser(run: LoadedRun, batch: dict, fps: Optional[float] = None,
 
 
 @torch.no_grad()
+def sample_dit(run: LoadedRun, batch: dict, noise: torch.Tensor, *, cond_latents: Optional[torch.Tensor] = None,
+               cond_noise: Optional[torch.Tensor] = None, given_frames: int = 0, steps: int = 35, solver: str = "heun",
+               guidance: float = 1.0, uncond_batch: Optional[dict] = None, fps: Optional[float] = None,
+               sigma_min: float = 0.002, sigma_max: float = 80.0, calls: Optional[list] = None) -> torch.Tensor:
+    """EDM sampling of the run's DiT from ``noise`` [B, C, T, H, W] for the model ``batch``: the one
+    sampling path of ``make sample`` and of the evaluations' rollouts. Video2World: the first
+    ``given_frames`` latent frames of ``cond_latents`` are given (kept, and entering the model augmented
+    with ``cond_noise`` as ``DiffusionModule._video2world_input`` trains them). ``guidance`` != 1 mixes in
+    ``uncond_batch`` (classifier-free guidance). ``calls``: a one-item model-call counter."""
+    from nemo_ext.diffusion.sampler import edm_sample, guided, karras_sigmas
+
+    edm = run.module.edm
+    keep = None
+    if given_frames:
+        mask = torch.zeros(1, 1, noise.shape[2], 1, 1, device=noise.device)
+        mask[:, :, :given_frames] = 1.0
+        keep = (mask, cond_latents)
+    cond = dit_denoiser(run, batch, fps, cond_latents, cond_noise, calls)
+    uncond = None
+    if guidance != 1.0:
+        uncond = dit_denoiser(run, uncond_batch, fps, cond_latents, cond_noise, calls)
+    sigmas = karras_sigmas(steps, max(sigma_min, edm.cfg.sigma_min), min(sigma_max, edm.cfg.sigma_max),
+                           device=noise.device)
+    return edm_sample(guided(cond, uncond, guidance), noise, sigmas, solver, keep=keep)
+
+
+@torch.no_grad()
 def generate_diffusion(run: LoadedRun, clip: Clip, prompt: str, *, steps: int = 35, guidance: float = 1.0,
                        seed: int = 0, solver: str = "heun", sigma_min: float = 0.002,
                        sigma_max: float = 80.0) -> Generated:
     """EDM sampling of the run's DiT: the whole clip (text-to-world) or the frames after the given
     latent frames (Video2World, kept as ``DiffusionModule._video2world_input`` trains them)."""
-    from nemo_ext.diffusion.sampler import edm_sample, guided, karras_sigmas
-
     _given(run, clip, "Video2World")
     module, m, device = run.module, run.cfg.model, run.device
-    edm = module.edm
     shape = (1, *run.plan.latent_shape)
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(shape, generator=gen, device=device)
-    fps = _fps(run, clip)
     t0 = time.perf_counter()
-    cond_latents = cond_noise = keep = None
+    cond_latents = cond_noise = None
     if m.video2world:
         cond_latents = module.tokenizer.encode(clip.video.to(device))
         if tuple(cond_latents.shape) != shape:
             raise RuntimeError(f"conditioning latents {tuple(cond_latents.shape)} differ from the clip's {shape}")
         cond_noise = torch.randn(shape, generator=gen, device=device)
-        mask = torch.zeros(1, 1, shape[2], 1, 1, device=device)
-        mask[:, :, : m.condition_latent_frames] = 1.0
-        keep = (mask, cond_latents)
     calls = [0]
-    cond = dit_denoiser(run, conditioning_batch(run, clip, prompt), fps, cond_latents, cond_noise, calls)
-    uncond = None  # classifier-free guidance: the empty prompt
-    if guidance != 1.0:
-        uncond = dit_denoiser(run, conditioning_batch(run, clip, ""), fps, cond_latents, cond_noise, calls)
-    sigmas = karras_sigmas(steps, max(sigma_min, edm.cfg.sigma_min), min(sigma_max, edm.cfg.sigma_max), device=device)
-    latents = edm_sample(guided(cond, uncond, guidance), noise, sigmas, solver, keep=keep)
+    latents = sample_dit(run, conditioning_batch(run, clip, prompt), noise, cond_latents=cond_latents,
+                         cond_noise=cond_noise, given_frames=m.condition_latent_frames if m.video2world else 0,
+                         steps=steps, solver=solver, guidance=guidance,
+                         uncond_batch=conditioning_batch(run, clip, "") if guidance != 1.0 else None,
+                         fps=_fps(run, clip), sigma_min=sigma_min, sigma_max=sigma_max, calls=calls)
     _sync(device)
     t1 = time.perf_counter()
     video = module.tokenizer.decode(latents)
@@ -489,33 +511,55 @@ def generate_diffusion(run: LoadedRun, clip: Clip, prompt: str, *, steps: int = 
                      stats={"steps": steps, "solver": solver, "guidance": guidance, "model_calls": calls[0]})
 
 
+def ar_prompt(run: LoadedRun, given: torch.Tensor) -> torch.Tensor:
+    """The AR prompt ids of ``given`` token frames [B, k, h, w]: ``[<bov>] + their tokens``."""
+    m = run.cfg.model
+    prompt_ids = given.reshape(given.shape[0], -1)
+    if m.bov_token:
+        bov = torch.full((given.shape[0], 1), m.bov_id, dtype=torch.long, device=given.device)
+        prompt_ids = torch.cat([bov, prompt_ids], dim=1)
+    return prompt_ids
+
+
+@torch.no_grad()
+def sample_ar(run: LoadedRun, given: torch.Tensor, batch: dict, *, temperature: float = 1.0,
+              top_k: Optional[int] = None, top_p: Optional[float] = 0.8,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The run's AR model continuing ``given`` token frames [B, k, h, w] to the full token grid with the
+    KV-cache generator, conditioned on the task conditioner's context of ``batch``: the one sampling
+    path of ``make sample`` and of the evaluations' rollouts. Returns tokens [B, T, h, w]."""
+    from nemo_ext.models.ar.generate import generate
+
+    module, m = run.module, run.cfg.model
+    t, h, w = grid = tuple(run.plan.latent_shape)
+    prompt_ids = ar_prompt(run, given)
+    cond = module.world_model.conditioner(batch)
+    new = (t - given.shape[1]) * h * w
+    out = generate(module.world_model.net, prompt_ids, grid, new, context=cond.context, context_mask=cond.context_mask,
+                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    tokens = out[:, 1:] if m.bov_token else out
+    return tokens.reshape(given.shape[0], t, h, w)
+
+
 @torch.no_grad()
 def generate_ar(run: LoadedRun, clip: Clip, prompt: str, *, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = 0.8, seed: int = 0) -> Generated:
     """Continue the conditioning clip's first ``model.condition_frames`` token frames to the full
     token grid with the KV-cache generator, then decode."""
-    from nemo_ext.models.ar.generate import generate
-
     _given(run, clip, "autoregressive")
     module, m, device = run.module, run.cfg.model, run.device
-    grid = tuple(run.plan.latent_shape)
-    t, h, w = grid
+    t, h, w = tuple(run.plan.latent_shape)
     k = m.condition_frames
     if k == 0 and not m.bov_token:
         raise ValueError("model.condition_frames=0 without a <bov> token: generation needs at least one given frame")
     t0 = time.perf_counter()
     given = module.tokenizer.encode(clip.video.to(device))[:, :k] if k else torch.zeros(1, 0, h, w, dtype=torch.long,
                                                                                          device=device)
-    prompt_ids = given.reshape(1, -1)
-    if m.bov_token:
-        prompt_ids = torch.cat([torch.full((1, 1), m.bov_id, dtype=torch.long, device=device), prompt_ids], dim=1)
-    cond = module.world_model.conditioner(conditioning_batch(run, clip, prompt))
     gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = sample_ar(run, given, conditioning_batch(run, clip, prompt), temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=gen)
     new = (t - k) * h * w
-    out = generate(module.world_model.net, prompt_ids, grid, new, context=cond.context, context_mask=cond.context_mask,
-                   temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-    tokens = out[:, 1:] if m.bov_token else out
-    tokens = tokens.reshape(1, t, h, w)
+    prompt_tokens = k * h * w + int(m.bov_token)
     _sync(device)
     t1 = time.perf_counter()
     video = module.tokenizer.decode(tokens)
@@ -523,7 +567,7 @@ def generate_ar(run: LoadedRun, clip: Clip, prompt: str, *, temperature: float =
     t2 = time.perf_counter()
     return Generated(video=video.float().cpu(), codes=tokens.cpu(), condition=given.cpu() if k else None,
                      seconds={"generate": t1 - t0, "decode": t2 - t1},
-                     stats={"new_tokens": new, "prompt_tokens": prompt_ids.shape[1], "temperature": temperature,
+                     stats={"new_tokens": new, "prompt_tokens": prompt_tokens, "temperature": temperature,
                             "top_k": top_k, "top_p": top_p, "tokens_per_s": new / max(t1 - t0, 1e-9)})
 
 

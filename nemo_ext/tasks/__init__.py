@@ -1,4 +1,5 @@
-"""Task plugins: one module per task, each registering a TaskSpec on import."""
+"""Task plugins: one package per task (``nemo_ext/tasks/<task>/``), each registering its TaskSpec, its
+sample world and its evaluation on import. Importing this package imports all of them."""
 
 import importlib
 import pkgutil
@@ -6,7 +7,7 @@ import pkgutil
 from nemo_ext.tasks.base import TaskConfig, TaskSpec, all_tasks, get_task, register_task
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
+    if _mod.ispkg:
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["TaskConfig", "TaskSpec", "all_tasks", "get_task", "register_task"]

@@ -714,13 +714,16 @@ def _to_video(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_psnr(tokenizer: DiscreteVideoTokenizer, videos: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean PSNR (dB, peak-to-peak 2 on [-1, 1], i.e. 1 on [0, 1]) of ``decode(encode(v))`` over clips."""
+    """Mean PSNR (dB, images in [0, 1]; the evaluation core's metric, identical clips count as its cap) of
+    ``decode(encode(v))`` over clips (each clip's frames as one image)."""
+    from nemo_ext.eval.metrics import capped, psnr, unit
+
     scores = []
     for start in range(0, len(videos), batch_size):
         v = videos[start:start + batch_size]
         r = tokenizer.decode(tokenizer.encode(v)).to(v)
-        mse = (r - v).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        scores += (10 * torch.log10(4.0 / mse)).tolist()
+        b, c, t, h, w = v.shape
+        scores += capped(psnr(unit(r).reshape(b, c, t * h, w), unit(v).reshape(b, c, t * h, w))).tolist()
     return float(sum(scores) / len(scores))
 
 

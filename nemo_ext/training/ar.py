@@ -53,7 +53,7 @@ class ARModule(WorldModelModule):
         # The tokenizer stays fp32: its quantizer's rounding is not something to do in bf16.
         self.tokenizer = None if precomputed else build_discrete_tokenizer(m.tokenizer)
         needs_text = m.cross_attention and self.task.uses_text(self.cfg.task) and (
-            not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0)
+            not precomputed or self.cfg.task.caption_dropout > 0)
         self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(self.plan.dtype) if needs_text else None
         try:
             config = build_transformer_config(m, self.cfg.parallel, self.plan.dtype)
@@ -85,7 +85,7 @@ class ARModule(WorldModelModule):
         batch = self.task_entries(raw, device, ("video", "tokens", "context", "context_mask"))
         batch.update(tokens=inputs, labels=labels, loss_mask=loss_mask, context=None, context_mask=None)
         if m.cross_attention and self.task.uses_text(self.cfg.task):
-            p_drop = 0.0 if validation else getattr(self.cfg.task, "caption_dropout", 0.0)
+            p_drop = 0.0 if validation else self.cfg.task.caption_dropout
             gen = torch.Generator(device="cpu")
             dropped = []
             for seed in raw["sample_seed"].tolist():

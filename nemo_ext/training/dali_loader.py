@@ -55,6 +55,7 @@ class DaliTrainLoader:
                 state=states.get(name),
                 max_failed_samples=d.max_failed_samples,
                 max_failed_fraction=d.max_failed_fraction,
+                caption_choice=d.caption_choice,
             )
             for i, (name, path) in enumerate(sources(cfg))
         ]

@@ -117,13 +117,13 @@ def ensure_sample_data(cfg) -> None:
     d = cfg.data
     if d.path or d.sources:
         return
-    worlds = [(d.sample_dir, d.sample_num_videos, 0)]
+    worlds = [(d.sample_dir, d.sample_num_videos, 0, False)]
     if cfg.trainer.val_every_n_steps > 0 and not d.val_path:
-        worlds.append((held_out_sample_dir(cfg), d.sample_val_num_videos, HELD_OUT_SAMPLE_SEED))
+        worlds.append((held_out_sample_dir(cfg), d.sample_val_num_videos, HELD_OUT_SAMPLE_SEED, True))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        from data_prep.sample_world import generate
+        from nemo_ext.worlds import generate
 
-        for out_dir, num_videos, seed in worlds:
+        for out_dir, num_videos, seed, held_out in worlds:
             generate(
                 out_dir=out_dir,
                 variant=d.sample_variant,
@@ -133,6 +133,8 @@ def ensure_sample_data(cfg) -> None:
                 width=d.width,
                 seed=seed,
                 workers=max(1, min(8, (os.cpu_count() or 1) - 1)),  # same bytes for any worker count
+                regenerate_outdated=True,  # the recipes' own data/sample/ worlds follow the code
+                held_out=held_out,
             )
     if dist.is_initialized():
         dist.barrier()
@@ -161,6 +163,7 @@ def _dataset(cfg, task, plan, path, clip_sampling=None):
         clip_sampling=clip_sampling or d.clip_sampling,
         resize_mode=d.resize_mode,
         sidecars=sidecars,
+        caption_choice=d.caption_choice,
     )
 
 

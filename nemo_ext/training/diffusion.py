@@ -40,7 +40,7 @@ class DiffusionModule(WorldModelModule):
         precomputed = self.cfg.data.kind == "latent"
         self.tokenizer = None if precomputed else ContinuousVideoTokenizer(m.tokenizer, m.edm.sigma_data).to(dtype)
         needs_text = self.task.uses_text(self.cfg.task) and (
-            not precomputed or getattr(self.cfg.task, "caption_dropout", 0.0) > 0)
+            not precomputed or self.cfg.task.caption_dropout > 0)
         self.text_encoder = T5TextEncoder(m.text_encoder, m.context_dim).to(dtype) if needs_text else None
         config = build_transformer_config(m, self.cfg.parallel, dtype)
         net = CosmosDiT(
@@ -65,7 +65,7 @@ class DiffusionModule(WorldModelModule):
             latents = self.tokenizer.encode(raw["video"].to(device, non_blocking=True))
         gen = torch.Generator(device=device)
         sigmas, noises, dropped, cond_noises = [], [], [], []
-        p_drop = 0.0 if validation else getattr(self.cfg.task, "caption_dropout", 0.0)
+        p_drop = 0.0 if validation else self.cfg.task.caption_dropout
         base_seed = 0 if validation else self.cfg.trainer.seed
         for seed in raw["sample_seed"].tolist():
             gen.manual_seed(noise_seed(base_seed, seed))

@@ -12,7 +12,7 @@ TINY = ["trainer.log_every_n_steps=1", "data.num_workers=0", "trainer.checkpoint
 
 
 def test_two_stage_mixture_follows_its_schedule(train_cli, sample_world, tmp_path):
-    from data_prep.sample_world import generate
+    from nemo_ext.worlds import generate
 
     hq = generate(tmp_path / "hq", num_videos=4, num_frames=33, height=64, width=64, seed=7, progress=False)
     run = train_cli([
@@ -64,7 +64,7 @@ def test_dali_loader_trains_and_resumes_from_its_reader_positions(train_cli, sam
     import pytest
 
     pytest.importorskip("nvidia.dali")
-    from data_prep.sample_world import generate
+    from nemo_ext.worlds import generate
 
     other = generate(tmp_path / "other", num_videos=6, num_frames=33, height=64, width=64, seed=3, progress=False)
     common = [

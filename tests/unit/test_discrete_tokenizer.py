@@ -269,7 +269,7 @@ def test_cosmos_jit_tokenizer_errors_name_the_problem(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from data_prep.sample_world import generate
+    from nemo_ext.worlds import generate
 
     return generate(tmp_path_factory.mktemp("world"), num_videos=6, num_frames=17, height=64, width=64,
                     shard_max_count=4, progress=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,8 @@ def test_bridge_rejects_are_reported_with_both_counts(bridge_out: Path) -> None:
     assert "corrupt" in rep["videos/train/4/rgb.mp4"] or "cannot" in rep["videos/train/4/rgb.mp4"]
 
 
-def test_bridge_statistics_in_manifest_and_stats_file(bridge_out: Path) -> None:
+def test_bridge_statistics_in_the_manifest(bridge_out: Path) -> None:
+    """One place, one format: the manifest's extra.sidecars (no second statistics file)."""
     clips = read_clips(bridge_out)
     extra = read_manifest(bridge_out)["extra"]
     assert_stats(extra["sidecars"]["actions.npy"], [c["actions"] for c in clips])
@@ -182,8 +184,8 @@ def test_bridge_statistics_in_manifest_and_stats_file(bridge_out: Path) -> None:
     summary = extra["info"]["action_control"]
     assert (summary["action_dim"], summary["state_dim"]) == (7, 7)
     assert summary["sidecars"] == {"actions.npy": "transitions", "states.npy": "frames"}
-    stats = json.loads((bridge_out / "action_stats.json").read_text())
-    assert stats == ac.read_action_stats(bridge_out)
+    assert not (bridge_out / "action_stats.json").exists()
+    stats = ac.read_action_stats(bridge_out)
     assert (stats["action_dim"], stats["state_dim"], stats["source"]) == (7, 7, "bridge")
     side = extra["sidecars"]["actions.npy"]
     assert {k: stats[k] for k in ("count", "mean", "std", "min", "max")} == {k: side[k] for k in
@@ -193,11 +195,11 @@ def test_bridge_statistics_in_manifest_and_stats_file(bridge_out: Path) -> None:
     assert ac.check_action_dim(bridge_out, 7)["action_dim"] == 7
     with pytest.raises(PrepError, match=r"task.action_dim=6, but the actions in .* are 7-d"):
         ac.check_action_dim(bridge_out, 6)
-    (bridge_out / "action_stats.json").rename(bridge_out / "stats.bak")  # the manifest alone is enough
-    try:
-        assert ac.read_action_stats(bridge_out) == stats
-    finally:
-        (bridge_out / "stats.bak").rename(bridge_out / "action_stats.json")
+    # what the trainer's action_control conditioner normalises with: the same numbers
+    from nemo_ext.tasks.action_control import find_action_stats
+
+    found = find_action_stats(types.SimpleNamespace(path=str(bridge_out), sources=None, sample_dir=None))
+    assert found["action_dim"] == 7 and found["mean"] == side["mean"] and found["std"] == side["std"]
 
 
 def test_dataset_cuts_actions_to_the_training_clip(bridge_out: Path) -> None:
@@ -483,7 +485,7 @@ def test_cli(bridge_raw: Path, lerobot_raw: Path, tmp_path: Path, capsys: pytest
     code, stdout, err = cli("bridge", "--raw", str(bridge_raw), "--out", str(out), *common)
     assert code == 0, err
     assert "clips written: 6 (from 3 of 6 episodes; 9 frames at 32x32, vp9)" in stdout
-    assert "actions: 7-d, 48 transitions; states: 7-d" in stdout and "action_stats.json" in stdout
+    assert "actions: 7-d, 48 transitions; states: 7-d" in stdout and "manifest.json" in stdout
     assert read_manifest(out)["extra"]["info"]["recipe"] == "action_control"
     code, stdout, err = cli("lerobot", "--raw", str(lerobot_raw), "--out", str(tmp_path / "l"), *common,
                             "--camera", WRIST, "--state-key", "none", "--clip-frames", "17")

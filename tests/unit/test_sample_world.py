@@ -1,4 +1,5 @@
-"""The procedural sample world: content, determinism, resumability, CLI and extensibility."""
+"""The procedural sample-world framework (nemo_ext.worlds) with the general task's world: content,
+determinism, resumability, CLI, extensibility through the registry, statistics in the manifest."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import sample_world as sw
+from nemo_ext import worlds as sw
 from nemo_ext.data.shards import ShardIndex, read_manifest
+from nemo_ext.tasks.general.world import object_position, render_general
+from nemo_ext.worlds.shapes import PALETTE, SHAPES
 from nemo_ext.data.video import decode_frames, probe_video
 
 SMALL = dict(num_videos=5, num_frames=9, height=32, width=48, fps=6, seed=3, shard_max_count=2, progress=False)
@@ -44,7 +47,7 @@ def test_layout_and_sample_contents(world: Path) -> None:
         assert len({o["color"] for o in objects}) == len(objects)  # distinct colors
         for o in objects:  # the caption names every object's color, shape and direction
             assert f"a {o['color']} {o['shape']} moving {o['direction']}" in meta["caption"]
-            assert o["shape"] in sw.SHAPES and o["color"] in sw.PALETTE
+            assert o["shape"] in SHAPES and o["color"] in PALETTE
             assert set(o) >= {"size", "position", "velocity"}
         assert meta["caption"].endswith(" background")
     m = read_manifest(world)
@@ -60,11 +63,11 @@ def test_objects_follow_the_stored_dynamics() -> None:
         if len(ep.meta["objects"]) != 1:
             continue
         obj = ep.meta["objects"][0]
-        rgb = np.array(sw.PALETTE[obj["color"]])
+        rgb = np.array(PALETTE[obj["color"]])
         for t in range(spec.num_frames):
             mask = np.abs(ep.frames[t].astype(int) - rgb).sum(-1) < 60
             ys, xs = np.nonzero(mask)
-            cx, cy = sw.object_position(obj, t, spec.height, spec.width)
+            cx, cy = object_position(obj, t, spec.height, spec.width)
             assert abs((xs.min() + xs.max() + 1) / 2 - cx) <= 1.0, (index, t)
             assert abs((ys.min() + ys.max() + 1) / 2 - cy) <= 1.0, (index, t)
         checked += 1
@@ -73,9 +76,9 @@ def test_objects_follow_the_stored_dynamics() -> None:
 
 def test_bounce_is_elastic_and_stays_inside() -> None:
     obj = {"position": [10.0, 5.0], "velocity": [3.0, -2.0], "size": 4.0}
-    xs = [sw.object_position(obj, t, 32, 48)[0] for t in range(60)]
+    xs = [object_position(obj, t, 32, 48)[0] for t in range(60)]
     assert min(xs) >= 4.0 and max(xs) <= 44.0
-    assert sw.object_position(obj, 1, 32, 48) == (13.0, 5.0)  # y: 5 - 2 = 3 < 4 reflects to 5
+    assert object_position(obj, 1, 32, 48) == (13.0, 5.0)  # y: 5 - 2 = 3 < 4 reflects to 5
     steps = np.abs(np.diff(xs))
     assert np.allclose(steps[steps > 2.99], 3.0)  # speed preserved between bounces
 
@@ -91,7 +94,7 @@ def test_same_arguments_same_bytes_any_workers(world: Path, tmp_path: Path) -> N
 
 def test_rerun_is_a_noop_and_other_parameters_are_refused(world: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in world.iterdir()}
-    with caplog.at_level(logging.INFO, logger="data_prep.sample_world"):
+    with caplog.at_level(logging.INFO, logger="nemo_ext.worlds"):
         assert sw.generate(world, **SMALL) == world
     assert "already complete" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in world.iterdir()} == before
@@ -110,41 +113,65 @@ def test_interrupted_run_is_redone(tmp_path: Path) -> None:
 
 
 def test_argument_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown sample world variant 'robot'; known: general, action"):
+    with pytest.raises(ValueError, match=r"unknown sample world 'robot'; registered: action, general"):
         sw.generate(tmp_path, variant="robot", progress=False)
-    with pytest.raises(ValueError, match=r"1 \+ 8k"):
-        sw.generate(tmp_path, num_frames=16, progress=False)
+    with pytest.raises(ValueError, match=r"num_frames must be >= 1"):
+        sw.generate(tmp_path, num_frames=0, progress=False)
     with pytest.raises(ValueError, match="multiple of 16"):
         sw.generate(tmp_path, height=40, progress=False)
 
 
-def test_a_new_variant_is_just_a_renderer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A variant is a renderer returning sidecars; nothing else changes (the real "action" variant
-    is tested in test_sample_world_action.py)."""
+def test_a_new_world_is_just_a_registered_renderer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A world is a registered renderer returning sidecars; nothing else changes (the real "action"
+    world is tested in test_sample_world_action.py). Its signals' statistics land in the manifest."""
 
-    def render_action(rng: np.random.Generator, spec: sw.WorldSpec) -> sw.Episode:
-        ep = sw.render_general(rng, spec)
+    def render_toy(rng: np.random.Generator, spec: sw.WorldSpec) -> sw.Episode:
+        ep = render_general(rng, spec)
         actions = rng.normal(size=(spec.num_frames - 1, 2)).astype(np.float32)
         return sw.Episode(frames=ep.frames, caption=ep.caption, meta=ep.meta, sidecars={"actions.npy": actions})
 
-    monkeypatch.setitem(sw.RENDERERS, "toy", render_action)
+    sw.WORLDS.names()  # discover the tasks' worlds first
+    monkeypatch.setitem(sw.WORLDS._items, "toy", sw.World("toy", render_toy, sidecars={"actions.npy": "transitions"}))
     out = sw.generate(tmp_path / "toy", **{**SMALL, "num_videos": 2, "variant": "toy"})
     index = ShardIndex.from_paths(out, required_exts=("mp4", "json", "actions.npy"))
-    actions = np.load(io.BytesIO(index.read(0, "actions.npy")))
-    assert actions.shape == (8, 2) and actions.dtype == np.float32
-    assert json.loads(index.read(0, "json"))["variant"] == "toy"
+    rows = [np.load(io.BytesIO(index.read(i, "actions.npy"))) for i in range(2)]
+    assert rows[0].shape == (8, 2) and rows[0].dtype == np.float32
+    meta = json.loads(index.read(0, "json"))
+    assert meta["variant"] == "toy" and (meta["seed"], meta["index"]) == (3, 0)  # records_origin
+    stats = read_manifest(out)["extra"]["sidecars"]["actions.npy"]
+    allrows = np.concatenate(rows).astype(np.float64)
+    assert stats["kind"] == "transitions" and stats["count"] == 16 and stats["shape"] == [2]
+    np.testing.assert_allclose(stats["mean"], allrows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], allrows.std(0), rtol=1e-12)
+    from nemo_ext.data.signals import signal_stats
+
+    assert signal_stats(out, "actions.npy") == stats and signal_stats(out, "states.npy") is None
+
+
+def test_an_outdated_world_is_regenerated_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipes' own data/sample/ worlds follow the code (regenerate_outdated); an explicit directory
+    of another version is refused, like any other parameter."""
+    out = sw.generate(tmp_path / "w", **{**SMALL, "num_videos": 2})
+    monkeypatch.setattr(sw, "GENERATOR_VERSION", sw.GENERATOR_VERSION + 1)
+    with pytest.raises(ValueError, match="generator_version"):
+        sw.generate(out, **{**SMALL, "num_videos": 2})
+    sw.generate(out, **{**SMALL, "num_videos": 2}, regenerate_outdated=True)
+    assert read_manifest(out)["extra"]["params"]["generator_version"] == sw.GENERATOR_VERSION
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from nemo_ext.cli import prep
+
     with pytest.raises(SystemExit) as exit_:
-        sw.main(["--help"])
+        prep.main(["sample", "--help"])
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--out", "--variant", "--num-videos", "--num-frames", "--height", "--width", "--fps",
                  "--seed", "--workers"):
         assert flag in help_text
-    out = sw.main(["--out", str(tmp_path / "cli"), "--num-videos", "2", "--num-frames", "9",
-                   "--height", "32", "--width", "32", "--no-progress"])
+    out = tmp_path / "cli"
+    assert prep.main(["sample", "--out", str(out), "--num-videos", "2", "--num-frames", "9",
+                      "--height", "32", "--width", "32"]) == 0
     assert read_manifest(out)["num_samples"] == 2
     clip = decode_frames(ShardIndex.from_paths(out).read(1, "mp4"), 0, 9)
     assert clip.shape == (9, 32, 32, 3)

@@ -1,4 +1,4 @@
-"""The sample world's ``action`` variant: an agent moved by action vectors pushes static objects.
+"""action_control's sample world (``action``): an agent moved by action vectors pushes static objects.
 
 Checks what the action_control recipe and its evaluation rely on: one action per transition,
 frames that are an exact function of (initial state, actions), actions as the only cause of
@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import sample_world as sw
+from nemo_ext import worlds
 from nemo_ext.data.dataset import VideoClipDataset
+from nemo_ext.tasks.action_control import world as sw
 from nemo_ext.data.shards import ShardIndex, read_manifest
 
-SPEC = sw.WorldSpec(num_frames=17, height=32, width=48, fps=8)
+SPEC = worlds.WorldSpec(num_frames=17, height=32, width=48, fps=8)
 SEED = 5
 
 
 @pytest.fixture(scope="module")
-def episodes() -> list[sw.Episode]:
-    return [sw.render_episode("action", SEED, i, SPEC) for i in range(24)]
+def episodes() -> list[worlds.Episode]:
+    return [worlds.render_episode("action", SEED, i, SPEC) for i in range(24)]
 
 
 def agent_box_center(frame: np.ndarray) -> tuple[float, float]:
@@ -39,9 +40,9 @@ def agent_pixels(frame: np.ndarray) -> int:
     return int((frame.astype(int) == np.array(sw.AGENT_RGB)).all(-1).sum())
 
 
-def test_episode_layout_and_determinism(episodes: list[sw.Episode]) -> None:
+def test_episode_layout_and_determinism(episodes: list[worlds.Episode]) -> None:
     for i, ep in enumerate(episodes[:4]):
-        again = sw.render_episode("action", SEED, i, SPEC)
+        again = worlds.render_episode("action", SEED, i, SPEC)
         assert np.array_equal(again.frames, ep.frames) and again.caption == ep.caption
         for ext in ("actions.npy", "states.npy"):
             assert np.array_equal(again.sidecars[ext], ep.sidecars[ext], equal_nan=True)
@@ -65,7 +66,7 @@ def test_episode_layout_and_determinism(episodes: list[sw.Episode]) -> None:
     assert sum(bool(ep.meta["pushed"]) for ep in episodes) >= 8  # the policy seeks objects out
 
 
-def test_rerendering_with_the_stored_actions_is_exact(episodes: list[sw.Episode]) -> None:
+def test_rerendering_with_the_stored_actions_is_exact(episodes: list[worlds.Episode]) -> None:
     for i, ep in enumerate(episodes[:6]):
         frames, actions, states = sw.render_action_episode(SPEC, SEED, i)
         assert np.array_equal(frames, ep.frames) and np.array_equal(actions, ep.sidecars["actions.npy"])
@@ -79,7 +80,7 @@ def test_rerendering_with_the_stored_actions_is_exact(episodes: list[sw.Episode]
         assert np.array_equal(sw.render_action_frames(meta, sim, SPEC.height, SPEC.width), ep.frames)
 
 
-def test_agent_follows_dx_dy_and_the_frames_show_it(episodes: list[sw.Episode]) -> None:
+def test_agent_follows_dx_dy_and_the_frames_show_it(episodes: list[worlds.Episode]) -> None:
     for ep in episodes:
         actions, states = ep.sidecars["actions.npy"], ep.sidecars["states.npy"].astype(np.float64)
         step = np.diff(states[:, :2], axis=0)
@@ -101,7 +102,7 @@ def test_agent_follows_dx_dy_and_the_frames_show_it(episodes: list[sw.Episode]) 
     assert states[-1, 0] == pytest.approx(SPEC.width - size) and (states[:, 1] == states[0, 1]).all()
 
 
-def test_zero_motion_moves_nothing_and_other_actions_change_the_frames(episodes: list[sw.Episode]) -> None:
+def test_zero_motion_moves_nothing_and_other_actions_change_the_frames(episodes: list[worlds.Episode]) -> None:
     for i, ep in enumerate(episodes[:6]):
         stored = ep.sidecars["actions.npy"]
         still = np.zeros_like(stored)
@@ -129,7 +130,7 @@ def test_zero_motion_moves_nothing_and_other_actions_change_the_frames(episodes:
             assert (agent_pixels(frames_g[t]) < agent_pixels(ep.frames[t])) == (grip[t - 1, 6] == 1.0)  # open = hollow
 
 
-def test_objects_move_only_when_the_agent_pushes_them(episodes: list[sw.Episode]) -> None:
+def test_objects_move_only_when_the_agent_pushes_them(episodes: list[worlds.Episode]) -> None:
     pushes = 0
     for i, ep in enumerate(episodes):
         meta = ep.meta
@@ -167,17 +168,20 @@ def test_invalid_actions_are_refused() -> None:
 def test_shards_read_back_in_line_with_the_clip(tmp_path: Path) -> None:
     kw = dict(variant="action", num_videos=3, num_frames=17, height=32, width=48, fps=8, seed=SEED,
               shard_max_count=2, progress=False)
-    out = sw.generate(tmp_path / "action", **kw)
-    parallel = sw.generate(tmp_path / "parallel", **{**kw, "workers": 2})
+    out = worlds.generate(tmp_path / "action", **kw)
+    parallel = worlds.generate(tmp_path / "parallel", **{**kw, "workers": 2})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in parallel.iterdir()}
     params = read_manifest(out)["extra"]["params"]
-    assert params["variant"] == "action" and params["variant_version"] == sw.VARIANT_VERSIONS["action"]
+    assert params["variant"] == "action" and params["variant_version"] == sw.ACTION_WORLD.version == 2
+    stats = read_manifest(out)["extra"]["sidecars"]  # the normalisation statistics, in the manifest
+    assert stats["actions.npy"]["kind"] == "transitions" and stats["actions.npy"]["shape"] == [7]
+    assert stats["states.npy"]["kind"] == "frames" and not (out / "action_stats.json").exists()
 
     index = ShardIndex.from_paths(out, required_exts=("mp4", "json", "actions.npy", "states.npy"))
     meta = json.loads(index.read(1, "json"))
     assert meta["variant"] == "action" and meta["action_dim"] == 7 and meta["num_frames"] == 17
     assert (meta["seed"], meta["index"]) == (SEED, 1)
-    truth = [sw.render_action_episode(sw.WorldSpec(17, 32, 48, 8), SEED, i) for i in range(3)]
+    truth = [sw.render_action_episode(worlds.WorldSpec(17, 32, 48, 8), SEED, i) for i in range(3)]
     assert np.array_equal(np.load(io.BytesIO(index.read(1, "actions.npy"))), truth[1][1])
 
     ds = VideoClipDataset(index, num_frames=9, height=32, width=48, clip_sampling="random",
@@ -206,5 +210,3 @@ def test_prep_cli_writes_the_action_variant(tmp_path: Path) -> None:
     index = ShardIndex.from_paths(out, required_exts=("mp4", "json", "actions.npy", "states.npy"))
     assert len(index) == 2
     assert np.load(io.BytesIO(index.read(0, "actions.npy"))).shape == (8, 7)
-    assert sw.main(["--out", str(tmp_path / "m"), "--variant", "action", "--num-videos", "1", "--num-frames", "9",
-                    "--height", "32", "--width", "32", "--no-progress"]).is_dir()

@@ -105,8 +105,12 @@ def test_configurations_that_cannot_work_are_refused(family, overrides, message)
         make_plan(cfg, world_size=1, cuda_available=False)
 
 
-def test_stats_beside_the_shards_must_match_the_action_dim(tmp_path):
-    (tmp_path / "action_stats.json").write_text('{"action_dim": 6, "mean": [0,0,0,0,0,0], "std": [1,1,1,1,1,1]}')
+def test_stats_of_the_shards_must_match_the_action_dim(tmp_path):
+    from nemo_ext.data.shards import write_manifest
+
+    write_manifest(tmp_path, [], extra={"sidecars": {"actions.npy": {
+        "kind": "transitions", "shape": [6], "count": 8, "mean": [0.0] * 6, "std": [1.0] * 6, "min": [0.0] * 6,
+        "max": [1.0] * 6}}})
     cfg = to_typed(compose("action_control", "diffusion", [f"data.path={tmp_path}", "trainer.device=cpu"]))
     with pytest.raises(ConfigError, match="task.action_dim=7 but the data's actions have 6"):
         make_plan(cfg, world_size=1, cuda_available=False)

@@ -19,29 +19,34 @@ token frame) + 8 predicted frames (the next latent / token frame).
   next frame's tokens are predicted. The model needs cross-attention (``model=ar_*_v2w`` style
   presets; checked).
 
-Actions are normalized with per-dimension mean/std computed by data_prep (``action_stats.json``
-beside the shards) or given as ``task.action_mean`` / ``task.action_std``; the statistics are
-buffers of the conditioner, so checkpoints carry them. The data's action dimension must equal
-``task.action_dim`` (a clear error otherwise, at the first batch and from the stats up front).
+Actions are normalized with the per-dimension mean/std of the training data (the shard set's
+manifest, ``extra.sidecars["actions.npy"]``, written by the converters and the action world:
+:func:`nemo_ext.data.signals.signal_stats`) or given as ``task.action_mean`` / ``task.action_std``;
+the statistics are buffers of the conditioner, so checkpoints carry them. The data's action dimension
+must equal ``task.action_dim`` (a clear error otherwise, at the first batch and from the stats up front).
+
+The task's folder holds its whole story: this file (config, conditioners, TaskSpec), ``world.py`` (the
+procedural action world and its simulator) and ``evaluation.py`` (rollouts under true vs permuted
+actions on the shared evaluation core); its converters are ``data_prep/action_control.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
 from nemo_ext.conditioning import Conditioning
+from nemo_ext.data.signals import Signal, signal_stats
 from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task
 
 logger = logging.getLogger(__name__)
 
-STATS_FILE = "action_stats.json"
+ACTIONS = Signal("actions.npy", "transitions", "actions", normalised=True,
+                 description="one action row per frame-to-frame transition (T - 1 rows for T frames)")
 
 
 @dataclass
@@ -57,27 +62,17 @@ class ActionControlTaskConfig(TaskConfig):
     # Normalization; null = read action_stats.json beside the (first) training shards, else identity.
     action_mean: Optional[List[float]] = None
     action_std: Optional[List[float]] = None
-    caption_dropout: float = 0.0
 
 
 def find_action_stats(data_cfg) -> Optional[dict]:
-    """``action_stats.json`` of the run's training data (data.path, the first data.sources entry,
-    or the sample world), if data_prep wrote one."""
-    from nemo_ext.data.shards import expand_paths
-
+    """The actions' statistics of the run's training data (data.path, the first data.sources entry, or
+    the sample world) with ``action_dim`` (the row width), or None when no manifest records them (the
+    sample world is generated at the start of the run; identity normalisation until then)."""
     path = data_cfg.path or (data_cfg.sources[0].path if data_cfg.sources else data_cfg.sample_dir)
-    if Path(path).is_dir():
-        candidates = [Path(path)]
-    else:
-        try:
-            candidates = sorted({p.parent for p in expand_paths(path)})
-        except Exception:  # not there yet (the sample world is generated at the start of the run)
-            return None
-    for d in candidates:
-        f = Path(d) / STATS_FILE
-        if f.is_file():
-            return json.loads(f.read_text())
-    return None
+    stats = signal_stats(path, ACTIONS.ext)
+    if stats is None:
+        return None
+    return {**stats, "action_dim": int(stats["shape"][0]) if stats.get("shape") else None}
 
 
 def _stats_vectors(task_cfg, stats: Optional[dict]):
@@ -157,6 +152,10 @@ class DiTActionConditioner(ActionEncoder):
 class ARActionConditioner(ActionEncoder):
     def __init__(self, task_cfg, model_cfg, stats: Optional[dict]):
         super().__init__(task_cfg, task_cfg.action_dim, stats)
+        # not zero-initialised, unlike the DiT heads: megatron's cross-attention has no biases, so an
+        # all-zero context gives zero keys and values and no gradient reaches the tokens (measured: zero
+        # gradient to this layer at init). Exact base equality at step 0 would need a zero-init gate on the
+        # cross-attention output, a model change (open).
         self.to_context = nn.Linear(task_cfg.hidden, model_cfg.context_dim)
         self.step_embedding = nn.Parameter(torch.zeros(task_cfg.chunk, task_cfg.hidden))
         nn.init.normal_(self.step_embedding, std=0.02)
@@ -177,7 +176,7 @@ class ARActionConditioner(ActionEncoder):
 def build_conditioner(task_cfg, model_cfg, data_cfg=None):
     stats = find_action_stats(data_cfg) if data_cfg is not None else None
     if stats is not None and int(stats.get("action_dim", task_cfg.action_dim)) != task_cfg.action_dim:
-        raise ValueError(f"the data's actions have {stats['action_dim']} dims ({STATS_FILE}) but "
+        raise ValueError(f"the data's actions have {stats['action_dim']} dims (its manifest.json) but "
                          f"task.action_dim={task_cfg.action_dim}")
     if model_cfg.family == "ar":
         return ARActionConditioner(task_cfg, model_cfg, stats)
@@ -202,7 +201,7 @@ def check(task_cfg, cfg) -> None:
     stats = find_action_stats(d)
     if stats is not None and int(stats.get("action_dim", task_cfg.action_dim)) != task_cfg.action_dim:
         raise ValueError(f"task.action_dim={task_cfg.action_dim} but the data's actions have {stats['action_dim']} "
-                         f"dims ({STATS_FILE} beside the shards)")
+                         f"dims (the shards' manifest.json)")
 
 
 ACTION_CONTROL = register_task(
@@ -211,11 +210,14 @@ ACTION_CONTROL = register_task(
         config_cls=ActionControlTaskConfig,
         families=("diffusion", "ar"),
         sample_exts=("json",),
-        sample_variant="action",
+        world="action",
         build_conditioner=build_conditioner,
-        sidecars={"actions.npy": "transitions"},
+        signals=(ACTIONS,),
         uses_text=lambda task_cfg: task_cfg.instruction,
         check=check,
+        zero_init=("diffusion",),  # AR: the action tokens are a cross-attention context (ARActionConditioner)
         description="next frames from robot action vectors (action MLP -> AdaLN for the DiT, cross-attention tokens for AR)",
     )
 )
+
+from nemo_ext.tasks.action_control import evaluation, world  # noqa: E402,F401  (register the world and eval)
