@@ -132,10 +132,9 @@ def _reference(m: dict, true: str, control: Optional[str], seed: int) -> dict:
     return out
 
 
-def summarize(r, episodes, margin: float, seed: int = 0, what: dict = None) -> dict:
+def summarize(r, episodes, margin: float, seed: int = 0) -> dict:
     """The metric part of the report (see :mod:`nemo_ext.eval.report` for the keys)."""
     m = r.metrics
-    what = what or {}
     code = next((n[: -len("_pred")] for n in m if n.endswith("_pred") and not n.startswith(("psnr", "ssim"))), None)
     per_step = {"frame": list(range(1, r.chunks * r.chunk + 1))}
     for name in ("psnr", "ssim"):
@@ -160,9 +159,8 @@ def summarize(r, episodes, margin: float, seed: int = 0, what: dict = None) -> d
     judged = verdict({"control": sens.pop("_psnr"), "base model": vs_base.pop("_psnr") if vs_base else None}, margin)
     control = None
     if "psnr_simulator" in m:
-        control = {"what": what.get("simulator", "the task's simulator replaying each episode under the true and the "
-                                    "control conditioning vs the episode's decoded frames: the gap a perfect model "
-                                    "would show"),
+        control = {"what": "the task's simulator replaying each episode under the true and the control "
+                           "conditioning vs the episode's decoded frames: the gap a perfect model would show",
                    **_reference(m, "simulator", "simulator_control", seed)}
     ceiling = None
     if "psnr_ceiling" in m:
@@ -203,6 +201,15 @@ def tokenizer_note(cfg) -> str:
         return f"built-in FSQ tokenizer, trained weights {tok.builtin_weights}"
     return ("built-in FSQ tokenizer with seed-0 (untrained) weights: pixel metrics are plumbing only (train one: "
             "python -m nemo_ext.cli.prep train-tokenizer)")
+
+
+def require_one_given_frame(run) -> None:
+    """A rollout conditions each chunk on one frame: the model must take exactly one given frame."""
+    m = run.cfg.model
+    given = m.condition_frames if run.family == "ar" else (m.condition_latent_frames if m.video2world else 0)
+    if given != 1:
+        what = "model.condition_frames" if run.family == "ar" else "model.condition_latent_frames (model.video2world)"
+        raise EvalError(f"the rollout conditions each chunk on one frame: {what} must be 1, the run has {given}")
 
 
 def output_dir(run, args) -> Path:

@@ -35,10 +35,6 @@ class Episode:
     def num_frames(self) -> int:
         return self.frames.shape[1]
 
-    @property
-    def actions(self) -> torch.Tensor:  # the action_control signal, by its batch key
-        return self.signals["actions"]
-
 
 def to_video(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""

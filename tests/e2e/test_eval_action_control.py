@@ -209,5 +209,5 @@ def test_clear_errors(runs, tmp_path):
     with pytest.raises(EvalError, match="has 7 dims per row but the run's task.action_dim=6"):
         read_episodes([str(world)], SIZE, SIZE, signals=actions, dims={"actions": (6, "task.action_dim")}, num=1)
     eps = read_episodes([str(world)], SIZE, SIZE, signals=actions, num=1)
-    assert eps[0].frames.shape[1] == eps[0].actions.shape[0] + 1 == 33  # whole episodes, not training clips
+    assert eps[0].frames.shape[1] == eps[0].signals["actions"].shape[0] + 1 == 33  # whole episodes, not training clips
     shutil.rmtree(fake)

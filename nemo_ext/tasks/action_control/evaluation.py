@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from nemo_ext.eval.core import Evaluation, register_evaluation
+from nemo_ext.eval.core import Evaluation, register_evaluation, require_one_given_frame
 from nemo_ext.eval.episodes import Episode, EvalError, to_video
 
 
@@ -63,11 +63,8 @@ def simulator(episodes, cfg):
 
 
 def check_run(run) -> None:
-    cfg, m = run.cfg, run.cfg.model
-    given = m.condition_frames if run.family == "ar" else (m.condition_latent_frames if m.video2world else 0)
-    if given != 1:
-        what = "model.condition_frames" if run.family == "ar" else "model.condition_latent_frames (model.video2world)"
-        raise EvalError(f"the rollout conditions each chunk on one frame: {what} must be 1, the run has {given}")
+    cfg = run.cfg
+    require_one_given_frame(run)
     if cfg.data.num_frames != cfg.task.chunk + 1:
         raise EvalError(f"data.num_frames={cfg.data.num_frames} but task.chunk={cfg.task.chunk}: a clip is 1 + chunk frames")
 

@@ -34,8 +34,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from nemo_ext.eval.core import Evaluation, register_evaluation
-from nemo_ext.eval.episodes import Episode, EvalError, to_video
+from nemo_ext.eval.core import Evaluation, register_evaluation, require_one_given_frame
+from nemo_ext.eval.episodes import Episode, to_video
 
 COLOUR_TOLERANCE = 45  # max |channel - palette| of an object's pixels
 SUCCESS_FRAC = 0.3  # success: final centre within this fraction of the move distance of the target
@@ -254,14 +254,6 @@ def simulator(episodes, cfg):
     return SimulatorPredictor(episodes, cfg.data.height, cfg.data.width, cfg.data.num_frames - 1, cfg.data.resize_mode)
 
 
-def check_run(run) -> None:
-    m = run.cfg.model
-    given = m.condition_frames if run.family == "ar" else (m.condition_latent_frames if m.video2world else 0)
-    if given != 1:
-        what = "model.condition_frames" if run.family == "ar" else "model.condition_latent_frames (model.video2world)"
-        raise EvalError(f"the rollout generates the clip from its first frame: {what} must be 1, the run has {given}")
-
-
 INSTRUCTION_EVALUATION = register_evaluation(Evaluation(
     task="instruction",
     description="rollouts from the first frame under the true vs another episode's instruction (and the base model): "
@@ -271,7 +263,7 @@ INSTRUCTION_EVALUATION = register_evaluation(Evaluation(
     signal="caption",
     controls=("episodes",),
     margin_db=0.25,
-    check_run=check_run,
+    check_run=require_one_given_frame,
     simulator=simulator,
     task_metrics=task_metrics,
     write_outputs=write_review_page,
