@@ -223,7 +223,7 @@ def lora_rows(name: str, res: dict) -> list[dict]:
 
 
 def action_control_rows(name: str, res: dict) -> list[dict]:
-    """benchmarks/action_control_rollout.py: rollout PSNR with true vs shuffled actions vs the base."""
+    """benchmarks/task_rollout.py --task action_control (result files before the script was generalised): rollout PSNR with true vs shuffled actions vs the base."""
     h = res["headline"]
     gap = h["gap_vs_episode_swapped_db"]
     return [{"item": "action_control rollout", "setting": res.get("what", name), "hw": _gpu(res),
@@ -234,6 +234,26 @@ def action_control_rows(name: str, res: dict) -> list[dict]:
                              if h.get("psnr_tokenizer_ceiling_db") is not None else ""),
              "ratio": f"gap {gap:+.2f} dB ({h['verdict_episode_swap']})", "target": "clearly above shuffled",
              "met": "yes" if h["verdict_episode_swap"] == "learned" else "**no**", "file": name}]
+
+
+def task_rollout_rows(name: str, res: dict) -> list[dict]:
+    """benchmarks/task_rollout.py: any task's rollouts with the true vs control conditioning vs the base."""
+    h = res["headline"]
+    gap = h["gap_vs_episode_swapped_db"]
+    success = ""
+    if h.get("success_true") is not None:
+        success = (f"; success {h['success_true']:.2f} vs {h['success_swapped']:.2f} swapped"
+                   + (f", {h['success_base']:.2f} base" if h.get("success_base") is not None else "")
+                   + f", ground truth {h['success_ground_truth']:.2f} ({h['success_verdict']})")
+    verdicts = [h["verdict_episode_swap"]] + ([h["success_verdict"]] if "success_verdict" in h else [])
+    return [{"item": f"{res['task']} rollout", "setting": res.get("what", name), "hw": _gpu(res),
+             "ours": f"{h['psnr_post_true_db']:.2f} dB (true conditioning)",
+             "reference": f"{h['psnr_post_episode_swapped_db']:.2f} dB swapped, base {h['psnr_base_db']:.2f} dB"
+                          + (f", time-shuffled {h['psnr_post_time_shuffled_db']:.2f} dB"
+                             if h.get("psnr_post_time_shuffled_db") is not None else ""),
+             "ratio": f"gap {gap:+.2f} dB ({h['verdict_episode_swap']}){success}",
+             "target": "verdict learned", "met": "yes" if all(v == "learned" for v in verdicts) else "**no**",
+             "file": name}]
 
 
 def collect(results_dir: Path) -> list[dict]:
@@ -257,6 +277,8 @@ def collect(results_dir: Path) -> list[dict]:
             rows += data_rows(name, res, dit_general)
         elif name.startswith("lora_vs_full"):
             rows += lora_rows(name, res)
+        elif kind == "task_rollout":
+            rows += task_rollout_rows(name, res)
         elif "headline" in res and name.startswith("action_control"):
             rows += action_control_rows(name, res)
         else:
