@@ -67,6 +67,8 @@ def frame_metrics(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray,
 
 
 def capped(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):  # a GPU run's metrics (the tokenizer's reconstruction PSNR on CUDA)
+        x = x.detach().cpu()
     return np.minimum(np.asarray(x, dtype=np.float64), PSNR_CAP)
 
 

@@ -59,6 +59,12 @@ def video_backend(cfg, plan) -> tuple[str, str]:
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
         return "pyav", "NVIDIA DALI is not installed (pip install 'cosmos-recipes[dali]')"
     if plan.device == "cuda":
+        for name, path in sources(cfg):
+            info = source_video(path)
+            small = min(info.get("width") or NVDEC_VP9_MIN, info.get("height") or NVDEC_VP9_MIN) < NVDEC_VP9_MIN
+            if info.get("codec") == "vp9" and small:
+                return "pyav", (f"source {name!r} holds {info['width']}x{info['height']} VP9 video, below NVDEC's VP9 "
+                                f"minimum of {NVDEC_VP9_MIN}x{NVDEC_VP9_MIN} (the sample worlds are 64x64)")
         return "dali", "GPU run: NVDEC decodes"
     from nemo_ext.data.dali import CPU_CODECS
 
@@ -70,9 +76,18 @@ def video_backend(cfg, plan) -> tuple[str, str]:
     return "dali", f"CPU run on {'/'.join(sorted({source_codec(p) for _, p in sources(cfg)}))} video"
 
 
+# Measured on an H200 (DALI 2.4): NVDEC refuses VP9 below 128x128 ("Video is too small ... supported:128x128").
+NVDEC_VP9_MIN = 128
+
+
 def source_codec(path) -> str | None:
-    """The codec of a shard set's first video: its json's ``codec`` (written by data_prep and the
-    sample world), else a header probe of the video itself; None if neither says."""
+    """The codec of a shard set's first video (see :func:`source_video`); None if nothing says."""
+    return source_video(path).get("codec")
+
+
+def source_video(path) -> dict:
+    """``codec``, ``width``, ``height`` of a shard set's first video: its json's keys (written by data_prep
+    and the sample world), else a header probe of the video itself; a key nothing says is missing."""
     import io
     import json
     import tarfile
@@ -81,22 +96,24 @@ def source_codec(path) -> str | None:
 
     shards = sorted(expand_paths(path))
     if not shards:
-        return None
+        return {}
     with tarfile.open(shards[0]) as tar:
         for member in tar:
             if member.name.endswith(".json"):
                 meta = json.loads(tar.extractfile(member).read())
                 if isinstance(meta, dict) and meta.get("codec"):
-                    return str(meta["codec"])
+                    return {"codec": str(meta["codec"]), **{k: int(meta[k]) for k in ("width", "height")
+                                                              if isinstance(meta.get(k), (int, float))}}
             elif member.name.endswith(".mp4"):
                 import av
 
                 try:
                     with av.open(io.BytesIO(tar.extractfile(member).read())) as container:
-                        return container.streams.video[0].codec_context.name
+                        ctx = container.streams.video[0].codec_context
+                        return {"codec": ctx.name, "width": ctx.width, "height": ctx.height}
                 except (av.FFmpegError, IndexError):
-                    return None
-    return None
+                    return {}
+    return {}
 
 
 # The held-out sample world is the same procedural world with other videos (the training world
