@@ -220,26 +220,54 @@ def lora_adapter_names(module) -> list[str]:
     return [name + ADAPTER_SUFFIX for name in adapters_of(module.world_model)] if module.world_model is not None else []
 
 
+def widenable_keys(module) -> set[str]:
+    """Sharded-state keys of the weights the model declares as input-widened (``input_widened`` of its
+    network, e.g. the DiT's patch embedding): a checkpoint may hold them with fewer input columns."""
+    net = getattr(module.world_model, "net", None) if module.world_model is not None else None
+    return {f"model.net.{name}" for name in getattr(net, "input_widened", ())}
+
+
 def _load_tensors(module, ckpt: Path, sharded: dict, path: str, fresh) -> None:
+    import torch
     import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    available = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
-    template = {}
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    widenable = widenable_keys(module)
+    template, widened = {}, {}
     kept = []
     for key, value in sharded.items():
         if isinstance(value, ShardedObject):  # _extra_state: nothing to load for weights
             continue
-        if value.key in available:
+        if value.key in saved:
+            size = tuple(getattr(saved[value.key], "size", value.global_shape))
+            if size != tuple(value.global_shape):
+                shape = tuple(value.global_shape)
+                if not (key in widenable and len(size) == 2 and size[0] == shape[0] and size[1] < shape[1]
+                        and tuple(value.local_shape) == shape):
+                    raise ValueError(f"trainer.init_from={path}: tensor {value.key!r} has shape {list(size)} in the "
+                                     f"checkpoint, {list(shape)} in this model")
+                # fewer input channels (a base without the task's extra channels): load those, widen after
+                widened[key] = (size, value)
+                value = ShardedTensor.from_rank_offsets(value.key, torch.zeros(size, dtype=value.data.dtype,
+                                                                              device=value.data.device),
+                                                        replica_id=value.replica_id)
             template[key] = value
         elif fresh(key):
             kept.append(key)
         else:
             raise ValueError(f"trainer.init_from={path}: the checkpoint has no tensor {value.key!r}")
-    logger.info("initializing weights from %s%s", ckpt, f" ({len(kept)} new tensors keep their init)" if kept else "")
-    loaded = dist_checkpointing.load({"state_dict": template}, str(ckpt))
-    module.load_megatron_state_dict(loaded["state_dict"], strict=False)
+    notes = [f"{len(kept)} new tensors keep their init"] if kept else []
+    notes += [f"{value.key} widened from {size[1]} to {value.global_shape[1]} input columns (new ones zero)"
+              for size, value in widened.values()]
+    logger.info("initializing weights from %s%s", ckpt, f" ({'; '.join(notes)})" if notes else "")
+    loaded = dist_checkpointing.load({"state_dict": template}, str(ckpt))["state_dict"]
+    for key, (size, value) in widened.items():
+        wide = torch.zeros(value.global_shape, dtype=loaded[key].dtype, device=loaded[key].device)
+        wide[:, :size[1]] = loaded[key]
+        loaded[key] = wide
+    module.load_megatron_state_dict(loaded, strict=False)
 
 
 def save_model_weights(module, out_dir: Path, source: str) -> None:

@@ -139,6 +139,10 @@ class CosmosDiT(MegatronModule):
 
     # Module prefixes held by every pipeline stage (see parallel_utils).
     pipeline_replicated = ("time_embed.", "extra_pos_embed.")
+    # Weights whose input columns follow the input channels: a task's extra channels (Plücker rays, ...)
+    # are concatenated last and patchify orders features (C, pt, ph, pw), so a checkpoint with fewer
+    # channels holds exactly the first columns; the loader widens it with zero columns (step 0 = base).
+    input_widened = ("patch_embed.weight",)
 
     def _init_replicated_weights(self, std: float) -> None:
         """DiT init: normal linears, AdaLN-Zero (modulations output zero, so every block starts as
