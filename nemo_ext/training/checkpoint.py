@@ -241,8 +241,9 @@ def _load_tensors(module, ckpt: Path, sharded: dict, path: str, fresh) -> None:
         if isinstance(value, ShardedObject):  # _extra_state: nothing to load for weights
             continue
         if value.key in saved:
-            size = tuple(getattr(saved[value.key], "size", value.global_shape))
-            if size != tuple(value.global_shape):
+            # a factory (e.g. megatron's split embeddings) builds its own tensors: no shape to compare here
+            size = tuple(getattr(saved[value.key], "size", ())) if isinstance(value, ShardedTensor) else None
+            if size and size != tuple(value.global_shape):
                 shape = tuple(value.global_shape)
                 if not (key in widenable and len(size) == 2 and size[0] == shape[0] and size[1] < shape[1]
                         and tuple(value.local_shape) == shape):
