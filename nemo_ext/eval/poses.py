@@ -155,7 +155,11 @@ def pose_errors(est: np.ndarray, gt: np.ndarray, registered: Optional[np.ndarray
     moving = (ne > 1e-9) & (ng > 1e-9)
     dir_cos = np.einsum("ti,ti->t", e[moving, :3, 3], g[moving, :3, 3]) / (ne[moving] * ng[moving])
     direction = np.degrees(np.arccos(np.clip(dir_cos, -1.0, 1.0)))
-    frames = int(mask.sum()) - 1 or 1
-    return {"frames": int(mask.sum()), "rot_err_deg": float(rot.sum()), "rot_err_deg_mean": float(rot[1:].sum() / frames),
-            "trans_err_rel": float(trans.sum()), "cam_mc_rel": float(mc.sum()),
-            "trans_dir_err_deg_mean": float(direction.mean()) if len(direction) else None}
+    per_frame = np.full(len(gt), np.nan)
+    per_frame[mask] = rot
+    some = mask.sum() > 1  # frame 0 is the identity in both: no error to measure without another frame
+    return {"frames": int(mask.sum()), "rot_err_deg": float(rot.sum()),
+            "rot_err_deg_mean": float(rot[1:].mean()) if some else None,
+            "trans_err_rel": float(trans.sum()) if some else None, "cam_mc_rel": float(mc.sum()) if some else None,
+            "trans_dir_err_deg_mean": float(direction.mean()) if len(direction) else None,
+            "rot_err_deg_per_frame": [None if np.isnan(x) else float(x) for x in per_frame]}

@@ -28,7 +28,9 @@ import torch
 from nemo_ext.eval.episodes import Episode, EvalError
 from nemo_ext.eval.metrics import frame_metrics
 
-CONTROL_MODES = ("time", "episodes")
+# time: each episode's rows shuffled in time; reverse: played backwards (a camera path driven the other
+# way); episodes: another episode's signal
+CONTROL_MODES = ("time", "episodes", "reverse")
 
 
 def sample_seed(seed: int, episode: int, step: int) -> int:
@@ -73,6 +75,10 @@ def permute(values, mode: str, seed: int = 0, ids: Optional[Sequence[int]] = Non
         if not isinstance(values, torch.Tensor) or values.dim() != 3:
             raise EvalError("the time control permutes per-transition signals ([episodes, steps, dims]); use episodes")
         return permute_time(values, seed, ids)
+    if mode == "reverse":
+        if not isinstance(values, torch.Tensor) or values.dim() < 2:
+            raise EvalError("the reverse control reverses per-frame or per-transition signals ([episodes, steps, ...])")
+        return values.flip(1).clone()
     if mode == "episodes":
         perm = derangement(n, seed)
         return values[torch.from_numpy(perm)].clone() if isinstance(values, torch.Tensor) else [values[i] for i in perm]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,8 +125,15 @@ def _zero_paths_trained(task, family, run_dir):
     if family not in get_task(task).zero_init:
         return
     cfg = to_typed(compose(task, family))
+    spec = get_task(task)
+    extra = spec.extra_channels(cfg.task, cfg.model)
+    if extra:  # the patch embedding's columns of the task's channels start at zero and must train
+        weight = next(v for name, v in read_tensors(run_dir / "checkpoints" / "step_3", ["model.net.patch_embed."]).items()
+                      if name.endswith("patch_embed.weight"))
+        vol = int(np.prod(cfg.model.patch_size))
+        assert weight[:, -extra * vol:].abs().max() > 0, (task, family, "the extra channels' columns did not train")
     torch.manual_seed(0)
-    fresh = get_task(task).build_conditioner(cfg.task, cfg.model, None).state_dict()
+    fresh = spec.build_conditioner(cfg.task, cfg.model, cfg.data).state_dict()
     zero = [k for k, v in fresh.items() if v.is_floating_point() and v.numel() and not v.any()
             and not k.endswith(("mean", "std"))]
     if not zero:

@@ -154,6 +154,10 @@ class CosmosDiT(MegatronModule):
             for mod in (layer.adaln_self, layer.adaln_cross, layer.adaln_mlp):
                 nn.init.zeros_(mod.linear_2.weight)
         nn.init.zeros_(self.time_embed.linear_2.weight)
+        if self.pre_process:  # a task's extra channels start with no effect (step 0 = the model without them)
+            vol = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+            with torch.no_grad():
+                self.patch_embed.weight[:, self.arch.in_channels(0) * vol:].zero_()
         if self.post_process:
             nn.init.zeros_(self.final_layer.adaln.linear_2.weight)
             nn.init.zeros_(self.final_layer.proj_out.weight)
