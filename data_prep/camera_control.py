@@ -39,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from data_prep.clips import (ClipSpec, PrepError, PrepResult, ShardLayout, Sidecar, SourceVideo, clip_options,
-                             find_videos, prepare, source_video)
+                             prepare, raw_videos, source_video)
 from nemo_ext.conditioning import camera as cam
 from nemo_ext.data.sources import PrepSource, register_source
 
@@ -103,13 +103,8 @@ def read_intrinsics_json(path: Path, height: int, width: int) -> tuple[np.ndarra
 def collect_camera_folders(raw: str | os.PathLike, spec: ClipSpec, exclude=None) -> tuple[list[SourceVideo], dict]:
     """Each folder under RAW with one video, ``poses.npy`` and ``intrinsics.json``."""
     raw = Path(raw)
-    if not raw.is_dir():
-        raise PrepError(f"RAW {raw} is not a directory")
-    rels = find_videos(raw, exclude=exclude)
-    if not rels:
-        raise PrepError(f"RAW {raw} holds no videos")
     videos = []
-    for rel in rels:
+    for rel in raw_videos(raw, exclude=exclude):
         folder = (raw / rel).parent
         what = f"clip {Path(rel).parent.as_posix() or rel}"
         try:

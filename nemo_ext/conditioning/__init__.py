@@ -28,3 +28,17 @@ class Conditioning:
     adaln_lora: Optional[Tensor] = None
     channels: Optional[Tensor] = None
     views: int = 1
+
+
+def tokens_then_text(tokens, batch: dict):
+    """(context, mask) of a task's cross-attention tokens [B, N, D] followed by the batch's caption
+    tokens (``context`` / ``context_mask``, when the task reads text): the AR tasks' context."""
+    import torch
+
+    if batch.get("context") is None:
+        return tokens, None
+    context = torch.cat([tokens, batch["context"].to(tokens.dtype)], dim=1)
+    if batch.get("context_mask") is None:
+        return context, None
+    ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return context, torch.cat([ones, batch["context_mask"].bool()], dim=1)

@@ -39,7 +39,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from nemo_ext.conditioning import Conditioning
+from nemo_ext.conditioning import Conditioning, tokens_then_text
 from nemo_ext.data.signals import Signal, signal_stats
 from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task
 
@@ -163,13 +163,7 @@ class ARActionConditioner(ActionEncoder):
     def forward(self, batch: dict) -> Conditioning:
         a = self.normalized(batch)  # [B, chunk, action_dim]
         tokens = self.to_context(self.mlp(a) + self.step_embedding.to(a.dtype))  # (steps are ordered)
-        context, mask = tokens, None
-        if batch.get("context") is not None:  # an instruction: its T5 tokens after the action tokens
-            text = batch["context"].to(tokens.dtype)
-            context = torch.cat([tokens, text], dim=1)
-            if batch.get("context_mask") is not None:
-                ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-                mask = torch.cat([ones, batch["context_mask"].bool()], dim=1)
+        context, mask = tokens_then_text(tokens, batch)  # an instruction / caption: its T5 tokens after these
         return Conditioning(context=context, context_mask=mask)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nemo_ext.conditioning import Conditioning
+from nemo_ext.conditioning import Conditioning, tokens_then_text
 from nemo_ext.data.signals import Signal
 from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task
 
@@ -121,12 +121,7 @@ class ARCameraConditioner(nn.Module):
             raise ValueError(f"camera_control: {x.shape[1]} latent frames of poses, the conditioner was built for "
                              f"{self.frame_embedding.shape[0]} (data.num_frames changed?)")
         tokens = self.to_context(self.mlp(x) + self.frame_embedding.to(dtype))
-        context, mask = tokens, None
-        if batch.get("context") is not None:  # the caption's T5 tokens after the camera tokens
-            context = torch.cat([tokens, batch["context"].to(dtype)], dim=1)
-            if batch.get("context_mask") is not None:
-                ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-                mask = torch.cat([ones, batch["context_mask"].bool()], dim=1)
+        context, mask = tokens_then_text(tokens, batch)  # an instruction / caption: its T5 tokens after these
         return Conditioning(context=context, context_mask=mask)
 
 
