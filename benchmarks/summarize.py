@@ -245,7 +245,10 @@ def task_rollout_rows(name: str, res: dict) -> list[dict]:
         success = (f"; success {h['success_true']:.2f} vs {h['success_swapped']:.2f} swapped"
                    + (f", {h['success_base']:.2f} base" if h.get("success_base") is not None else "")
                    + f", ground truth {h['success_ground_truth']:.2f} ({h['success_verdict']})")
-    verdicts = [h["verdict_episode_swap"]] + ([h["success_verdict"]] if "success_verdict" in h else [])
+    if h.get("rot_err_deg_true") is not None:
+        success += (f"; RotErr {h['rot_err_deg_true']:.2f} vs {h['rot_err_deg_swapped']:.2f} deg/frame swapped "
+                    f"({h['pose_verdict']})")
+    verdicts = [h[k] for k in ("verdict_episode_swap", "success_verdict", "pose_verdict") if k in h]
     return [{"item": f"{res['task']} rollout", "setting": res.get("what", name), "hw": _gpu(res),
              "ours": f"{h['psnr_post_true_db']:.2f} dB (true conditioning)",
              "reference": f"{h['psnr_post_episode_swapped_db']:.2f} dB swapped, base {h['psnr_base_db']:.2f} dB"

@@ -69,6 +69,13 @@ PROTOCOLS = {
         "base": ["task.caption_dropout=1.0"], "post": [],
         "evals": {"post_episode_swap": ["--control", "episodes"]},
     },
+    "camera_control": {
+        "frames": (17, 9),
+        "models": {"diffusion": "dit_tiny_v2w_s2d", "ar": "ar_tiny_v2w_dv1x8x8"},
+        # the base: the room videos with their (path-free) captions; the post-training adds the poses
+        "base": [], "post": [],
+        "evals": {"post_episode_swap": ["--control", "episodes"], "post_reverse": ["--control", "reverse"]},
+    },
 }
 
 
@@ -87,12 +94,30 @@ def _run(cmd: list[str], log: Path) -> float:
     return seconds
 
 
+def _tail(log: Path, lines: int = 6) -> list[str]:
+    """The last lines of a stage's log that say something (the result file outlives the machine)."""
+    kept = [x for x in log.read_text(errors="replace").splitlines() if x.strip() and "warn" not in x.lower()]
+    return kept[-lines:]
+
+
 def _last_metrics(run_dir: Path) -> dict:
-    """The last logged training row (NeMo may split a run into run_<n>/ segments)."""
+    """The last logged training row and the last validation row (NeMo may split a run into run_<n>/
+    segments): a held-out loss that rises while the training loss falls is overfitting, one that rises
+    with it is divergence (the instruction AR run of 12-02 could not tell them apart: only the last row
+    was kept)."""
     from nemo_ext.launch.sweep import run_metrics
 
     rows = run_metrics(run_dir)
-    return rows[-1] if rows else {}
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    first_val = val[0] if val else None
+    return {"train": train[-1] if train else None, "val": val[-1] if val else None, "first_val": first_val}
+
+
+def _without_per_episode(value):
+    if isinstance(value, dict):
+        return {k: _without_per_episode(v) for k, v in value.items() if "per_episode" not in k}
+    return value
 
 
 def _eval_summary(report: dict) -> dict:
@@ -113,9 +138,8 @@ def _eval_summary(report: dict) -> dict:
         "teacher_forced": {k: v for k, v in sens["teacher_forced"].items() if k != "per_episode_gap"},
     }
     tm = report.get("task_metrics")
-    if tm:  # the task's own numbers (instruction: success rates and their verdict), per-episode lists left out
-        out["task_metrics"] = {k: v for k, v in tm.items() if k in ("success_rate", "confusion", "per_instruction",
-                                                                     "held_out_pairs", "success_verdict", "headline")}
+    if tm:  # the task's own numbers (instruction: success rates; camera_control: pose errors), per-episode lists left out
+        out["task_metrics"] = _without_per_episode(tm)
     for key in ("ground_truth_control", "tokenizer_ceiling"):
         if report.get(key):
             out[key] = {k: report[key][k] for k in ("psnr_true", "psnr_control", "psnr_gap_db") if k in report[key]}
@@ -207,7 +231,7 @@ def main(argv=None) -> int:
     cmd = [py, "-m", "nemo_ext.cli.train", "--recipe", "general", *common, "run_name=base", *proto["base"],
            f"trainer.max_steps={args.base_steps}", "trainer.checkpoint_every_n_steps=500"]
     stages["base"] = {"command": " ".join(cmd), "seconds": _run(cmd, work / "base.log"),
-                      "last": _last_metrics(base_run)}
+                      "last": _last_metrics(base_run), "log_tail": _tail(work / "base.log")}
 
     # 4. the task's post-training from it
     post_run = work / "runs" / args.task / f"{family}_{model}" / "post"
@@ -215,7 +239,7 @@ def main(argv=None) -> int:
            f"trainer.init_from={base_run}", f"trainer.max_steps={args.post_steps}",
            "trainer.checkpoint_every_n_steps=500", *args.post_set]
     stages["post"] = {"command": " ".join(cmd), "seconds": _run(cmd, work / "post.log"),
-                      "last": _last_metrics(post_run)}
+                      "last": _last_metrics(post_run), "log_tail": _tail(work / "post.log")}
 
     # 5. rollouts: each control of the task's evaluation, with the base model as the verdict's second reference
     evals = {}
@@ -270,8 +294,19 @@ def _headline(task: str, evals: dict) -> dict:
     if "tokenizer_ceiling" in swap:  # a perfect model with this tokenizer
         head["psnr_tokenizer_ceiling_db"] = swap["tokenizer_ceiling"]["psnr_true"]
         head["psnr_tokenizer_ceiling_episode_swapped_db"] = swap["tokenizer_ceiling"].get("psnr_control")
-    if swap.get("task_metrics"):
-        tm = swap["task_metrics"]
+    if "post_reverse" in evals:
+        r = evals["post_reverse"]
+        head.update(psnr_post_reversed_db=r["psnr_control_db"], gap_vs_reversed_db=r["psnr_gap_db"],
+                    verdict_reverse=r["verdict"])
+    tm = swap.get("task_metrics") or {}
+    if "pose_errors" in tm:
+        errs = tm["pose_errors"]
+        head.update(rot_err_deg_true=errs["pred"]["rot_err_deg_mean"], rot_err_deg_swapped=errs["control"]["rot_err_deg_mean"],
+                    rot_err_deg_base=(errs.get("base") or {}).get("rot_err_deg_mean"),
+                    rot_err_deg_floor=errs["ground_truth"]["rot_err_deg_mean"],
+                    trans_err_rel_true=errs["pred"]["trans_err_rel"], trans_err_rel_swapped=errs["control"]["trans_err_rel"],
+                    registered_true=errs["pred"]["registered"], pose_verdict=tm["pose_verdict"]["verdict"])
+    if "success_rate" in tm:
         rates = tm["success_rate"]
         head.update(success_true=rates["pred"]["success"], success_swapped=rates["control"]["success"],
                     success_base=(rates.get("base") or {}).get("success"),

@@ -16,10 +16,12 @@ same geometry as :func:`nemo_ext.conditioning.camera.resize_intrinsics`). Source
 * ``realestate10k``: one ``<clip>.txt`` per clip under RAW (line 1 the YouTube URL, then per posed frame
   ``timestamp fx fy cx cy k1 k2`` and the 12 values of the 3x4 **world-to-camera** matrix, intrinsics
   normalised by the width and height; timestamps in microseconds), the frames in
-  ``--frames <dir>/<clip>/<timestamp>.{png,jpg}`` (the layout RealEstate10K's download scripts write),
-  matched by timestamp: only posed frames are used, the video is made of them at the poses' own rate
-  (1e6 / the median timestamp step: the pose rate, whatever the YouTube video's); a posed frame with no
-  image is a report line, as are distortion coefficients that are not zero.
+  ``--frames <dir>/<clip>/<timestamp>.{png,jpg}`` (the layout RealEstate10K's download scripts write) or
+  a video ``--frames <dir>/<clip>.mp4`` (any container; the frame nearest each pose timestamp, within
+  half a frame interval, by its presentation time), matched by timestamp: only posed frames are used,
+  the video is made of them at the poses' own rate (1e6 / the median timestamp step: the pose rate,
+  whatever the YouTube video's); a posed frame with no image is a report line, as are distortion
+  coefficients that are not zero.
 
 Rejected, with a report line each (never a silent drop): pose count != frame count, a rotation that is
 not orthonormal with det +1, missing / non-positive / out-of-image intrinsics, NaN or inf, unreadable
@@ -38,8 +40,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_prep.clips import (ClipSpec, PrepError, PrepResult, ShardLayout, Sidecar, SourceVideo, clip_options,
-                             prepare, raw_videos, source_video)
+from data_prep.clips import (VIDEO_EXTENSIONS, ClipSpec, PrepError, PrepResult, ShardLayout, Sidecar, SourceVideo,
+                             clip_options, prepare, raw_videos, source_video)
 from nemo_ext.conditioning import camera as cam
 from nemo_ext.data.sources import PrepSource, register_source
 
@@ -138,13 +140,45 @@ def _frame_intrinsics(d: dict, frame: dict) -> tuple[Optional[tuple], Optional[t
             hw if all(isinstance(v, (int, float)) for v in hw) else None)
 
 
-def _images_to_video(paths: list[Path], out: Path, fps: float) -> None:
+def frames_at_timestamps(video: Path, timestamps_us: np.ndarray) -> list[np.ndarray]:
+    """The frame of ``video`` nearest each timestamp (microseconds from the video's start, by the frames'
+    presentation times), within half the video's frame interval; raises PoseError naming the first
+    timestamp that has none."""
+    import av
+
+    times, frames = [], []
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            times.append(float(frame.pts * stream.time_base) * 1e6)
+            frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise cam.PoseError(f"{video.name}: no frames decoded")
+    times = np.array(times)
+    half = 0.5 * float(np.median(np.diff(times))) if len(times) > 1 else 1e9
+    idx = np.abs(times[None, :] - np.asarray(timestamps_us, dtype=np.float64)[:, None]).argmin(axis=1)
+    off = np.abs(times[idx] - timestamps_us)
+    bad = np.flatnonzero(off > half)
+    if len(bad):
+        raise cam.PoseError(f"{len(bad)} of {len(timestamps_us)} posed frames have no frame of {video.name} within half "
+                            f"a frame interval (first: timestamp {int(timestamps_us[bad[0]])}, nearest frame "
+                            f"{off[bad[0]] / 1e3:.1f} ms away)")
+    return [frames[i] for i in idx]
+
+
+def _images_to_video(paths: list, out: Path, fps: float) -> None:
+    """Images (files, or RGB arrays) in order -> a VP9 video at ``out`` (written atomically)."""
     from PIL import Image
 
     from nemo_ext.data.video import encode_video
 
     frames = []
     for p in paths:
+        if isinstance(p, np.ndarray):
+            frames.append(p)
+            continue
         with Image.open(p) as im:
             frames.append(np.asarray(im.convert("RGB")))
     if len({f.shape for f in frames}) != 1:
@@ -257,17 +291,23 @@ def collect_realestate10k(raw: str | os.PathLike, spec: ClipSpec, out: str | os.
             if np.abs(rows[:, 4:6]).max() > 0:
                 raise cam.PoseError("distortion coefficients k1, k2 are not zero (the frames are not undistorted)")
             folder = frames_root / clip
-            images = []
-            for t in ts:
-                hit = next((folder / f"{t}{ext}" for ext in (".png", ".jpg", ".jpeg") if (folder / f"{t}{ext}").is_file()),
-                           None)
-                images.append(hit)
-            missing = [int(t) for t, im in zip(ts, images) if im is None]
-            if missing:
-                raise cam.PoseError(f"{len(missing)} of {len(ts)} posed frames have no image in {folder} "
-                                    f"(first: timestamp {missing[0]})")
-            with Image.open(images[0]) as im:
-                w, h = im.size
+            source = next((folder.with_suffix(ext) for ext in VIDEO_EXTENSIONS if folder.with_suffix(ext).is_file()),
+                          None)
+            if folder.is_dir() or source is None:
+                images = []
+                for t in ts:
+                    hit = next((folder / f"{t}{ext}" for ext in (".png", ".jpg", ".jpeg")
+                                if (folder / f"{t}{ext}").is_file()), None)
+                    images.append(hit)
+                missing = [int(t) for t, im in zip(ts, images) if im is None]
+                if missing:
+                    raise cam.PoseError(f"{len(missing)} of {len(ts)} posed frames have no image in {folder} "
+                                        f"(first: timestamp {missing[0]})")
+                with Image.open(images[0]) as im:
+                    w, h = im.size
+            else:
+                images = frames_at_timestamps(source, ts)
+                h, w = images[0].shape[:2]
             h, w = h - h % 2, w - w % 2
             fps = 1e6 / float(np.median(np.diff(ts))) if len(ts) > 1 else 30.0
             fx, fy, cx, cy = rows[0, :4]

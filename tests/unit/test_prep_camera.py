@@ -167,3 +167,29 @@ def test_realestate10k_world_to_camera_normalised_intrinsics_and_frames_by_times
     report = _report(out)
     assert "1 of 12 posed frames have no image" in report["gap.mp4"] and f"timestamp {ts[6]}" in report["gap.mp4"]
     assert "line 6: 18 values, expected 19" in report["cut.mp4"]
+
+
+def test_realestate10k_frames_from_a_video_by_timestamp(tmp_path):
+    """The YouTube video runs at 30 fps, the poses at 10 per second: the frame nearest each pose's
+    timestamp is taken; a pose past the video's end is a report line."""
+    frames, poses, k = _clip(4)
+    raw, videos = tmp_path / "txt", tmp_path / "videos"
+    raw.mkdir()
+    videos.mkdir()
+    w2c = cam.pose_to_world_to_camera(poses)
+    norm = (k[0, 0] / W, k[1, 1] / H, (k[0, 2] + 0.5) / W, (k[1, 2] + 0.5) / H)
+    video = np.repeat(frames, 3, axis=0)  # 36 frames at 30 fps: pose i is video frame 3 i
+    for name, extra in (("yt", 0), ("past_end", 1)):
+        (videos / f"{name}.mp4").write_bytes(encode_video(video, 30))
+        ts = np.arange(FRAMES + extra) * 100_000
+        rows = [w2c[min(i, FRAMES - 1), :3].reshape(-1) for i in range(len(ts))]
+        lines = ["https://www.youtube.com/watch?v=abc"] + [" ".join(str(v) for v in [t, *norm, 0.0, 0.0, *r])
+                                                           for t, r in zip(ts, rows)]
+        (raw / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = prepare_cameras(raw, out, SPEC, ShardLayout(), layout_name="realestate10k", frames_root=videos,
+                             progress=False)
+    got = _read(out)
+    assert list(got) == ["yt.mp4"] and result.num_rejected == 1
+    np.testing.assert_allclose(got["yt.mp4"][0].reshape(-1, 4, 4), poses[:9], atol=1e-4)
+    assert "1 of 13 posed frames have no frame of past_end.mp4" in _report(out)["past_end.mp4"]
