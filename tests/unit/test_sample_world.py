@@ -113,7 +113,9 @@ def test_interrupted_run_is_redone(tmp_path: Path) -> None:
 
 
 def test_argument_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown sample world 'robot'; registered: action, general"):
+    from nemo_ext.worlds import WORLDS
+
+    with pytest.raises(ValueError, match=rf"unknown sample world 'robot'; registered: {', '.join(WORLDS.names())}$"):
         sw.generate(tmp_path, variant="robot", progress=False)
     with pytest.raises(ValueError, match=r"num_frames must be >= 1"):
         sw.generate(tmp_path, num_frames=0, progress=False)
