@@ -4,8 +4,9 @@ The estimator (OpenCV only, no learned weights): SIFT keypoints of frame 0 and f
 matches (0.75), then
 
 * ``pnp`` (frame 0's depth known: the sample worlds render it, and a rollout starts from that frame):
-  frame 0's matched keypoints lifted to 3D with the depth, ``solvePnPRansac`` for frame i: the
-  metric pose of frame i relative to frame 0;
+  frame 0's keypoints lifted to 3D with the depth start a map; each frame is registered against the
+  map (``solvePnPRansac`` + refinement: metric poses relative to frame 0) and adds the points it
+  triangulates with the previous registered frame, so a path that leaves frame 0's view is tracked;
 * ``essential`` (no depth, real data): ``findEssentialMat`` + ``recoverPose``: the rotation and the
   *direction* of the translation only (unit length).
 
@@ -87,6 +88,12 @@ def estimate_poses(frames: np.ndarray, k: np.ndarray, depth0: Optional[np.ndarra
         k[:2, 2] = (k[:2, 2] + 0.5) * upscale - 0.5
     sift = cv2.SIFT_create()
     matcher = cv2.BFMatcher(cv2.NORM_L2)
+    if depth0 is not None:
+        d = np.asarray(depth0, dtype=np.float64)
+        if upscale > 1:
+            d = cv2.resize(d, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_NEAREST)
+        c2w, registered, inliers = _track_pnp(frames, k, d, sift, matcher, min_inliers, upscale)
+        return PoseEstimate(c2w=c2w, registered=registered, inliers=inliers, method="pnp")
     kp0, des0 = sift.detectAndCompute(_gray(frames[0]), None)
     c2w = np.full((t_len, 4, 4), np.nan)
     c2w[0] = np.eye(4)
@@ -94,41 +101,93 @@ def estimate_poses(frames: np.ndarray, k: np.ndarray, depth0: Optional[np.ndarra
     registered[0] = True
     inliers = np.zeros(t_len, dtype=np.int64)
     inliers[0] = len(kp0)
-    method = "pnp" if depth0 is not None else "essential"
-    k_inv = np.linalg.inv(k)
+    method = "essential"
     for i in range(1, t_len):
         p0, p1 = _matches(sift, matcher, kp0, des0, frames[i])
         if len(p0) < max(min_inliers, 6):
             continue
-        if method == "pnp":
-            d = np.asarray(depth0, dtype=np.float64)
-            if upscale > 1:
-                d = cv2.resize(d, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_NEAREST)
-            u = np.clip(np.round(p0).astype(int), 0, [d.shape[1] - 1, d.shape[0] - 1])
-            z = d[u[:, 1], u[:, 0]]
-            keep = np.isfinite(z) & (z > 0)
-            if keep.sum() < max(min_inliers, 6):
-                continue
-            pts3 = (k_inv @ np.c_[p0[keep], np.ones(keep.sum())].T * z[keep]).T
-            ok, rvec, tvec, idx = cv2.solvePnPRansac(pts3, p1[keep], k, None, reprojectionError=2.0 * upscale,
-                                                     iterationsCount=200, flags=cv2.SOLVEPNP_EPNP)
-            n = 0 if idx is None else len(idx)
-            if not ok or n < min_inliers:
-                continue
-            # refine on the inliers (EPnP inside RANSAC is approximate)
-            rvec, tvec = cv2.solvePnPRefineLM(pts3[idx[:, 0]], p1[keep][idx[:, 0]], k, None, rvec, tvec)
-            r, _ = cv2.Rodrigues(rvec)
-            c2w[i], inliers[i] = _c2w(r, tvec), n
-        else:
-            e, mask = cv2.findEssentialMat(p0, p1, k, cv2.RANSAC, 0.999, 1.0 * upscale)
-            if e is None or e.shape != (3, 3):
-                continue
-            n, r, t, _ = cv2.recoverPose(e, p0, p1, k, mask=mask)
-            if n < min_inliers:
-                continue
-            c2w[i], inliers[i] = _c2w(r, t), int(n)
+        e, mask = cv2.findEssentialMat(p0, p1, k, cv2.RANSAC, 0.999, 1.0 * upscale)
+        if e is None or e.shape != (3, 3):
+            continue
+        n, r, t, _ = cv2.recoverPose(e, p0, p1, k, mask=mask)
+        if n < min_inliers:
+            continue
+        c2w[i], inliers[i] = _c2w(r, t), int(n)
         registered[i] = True
     return PoseEstimate(c2w=c2w, registered=registered, inliers=inliers, method=method)
+
+
+def _ratio_matches(matcher, des_a, des_b) -> list:
+    if des_a is None or des_b is None or len(des_a) < 2 or len(des_b) < 2:
+        return []
+    return [m for m, *rest in matcher.knnMatch(des_a, des_b, k=2) if rest and m.distance < LOWE_RATIO * rest[0].distance]
+
+
+def _track_pnp(frames, k, depth0, sift, matcher, min_inliers: int, upscale: int):
+    """Metric poses by tracking against a growing 3D map: frame 0's keypoints lifted with its depth, then,
+    for every registered frame, the points triangulated from its matches with the previous registered
+    frame (keypoints not already explained by the map). Every frame is registered against the map, so a
+    path that leaves frame 0's view keeps its poses while it keeps seeing mapped points."""
+    import cv2
+
+    t_len = len(frames)
+    k_inv = np.linalg.inv(k)
+    feats = [sift.detectAndCompute(_gray(f), None) for f in frames]
+    kp0, des0 = feats[0]
+    c2w = np.full((t_len, 4, 4), np.nan)
+    c2w[0] = np.eye(4)
+    registered = np.zeros(t_len, dtype=bool)
+    registered[0] = True
+    inliers = np.zeros(t_len, dtype=np.int64)
+    inliers[0] = len(kp0)
+    if des0 is None:
+        return c2w, registered, inliers
+    uv0 = np.array([kp.pt for kp in kp0], dtype=np.float64)
+    px = np.clip(np.round(uv0).astype(int), 0, [depth0.shape[1] - 1, depth0.shape[0] - 1])
+    z = depth0[px[:, 1], px[:, 0]]
+    keep = np.isfinite(z) & (z > 0)
+    map_xyz = (k_inv @ np.c_[uv0[keep], np.ones(keep.sum())].T * z[keep]).T
+    map_des = des0[keep]
+    w2c = {0: np.eye(4)}
+    last = 0
+    for i in range(1, t_len):
+        kp_i, des_i = feats[i]
+        good = _ratio_matches(matcher, des_i, map_des)
+        if len(good) < max(min_inliers, 6):
+            continue
+        obj = map_xyz[[m.trainIdx for m in good]]
+        img = np.array([kp_i[m.queryIdx].pt for m in good], dtype=np.float64)
+        ok, rvec, tvec, idx = cv2.solvePnPRansac(obj, img, k, None, reprojectionError=2.0 * upscale,
+                                                 iterationsCount=200, flags=cv2.SOLVEPNP_EPNP)
+        n = 0 if idx is None else len(idx)
+        if not ok or n < min_inliers:
+            continue
+        # refine on the inliers (EPnP inside RANSAC is approximate)
+        rvec, tvec = cv2.solvePnPRefineLM(obj[idx[:, 0]], img[idx[:, 0]], k, None, rvec, tvec)
+        r, _ = cv2.Rodrigues(rvec)
+        c2w[i], inliers[i], registered[i] = _c2w(r, tvec), n, True
+        w2c[i] = np.eye(4)
+        w2c[i][:3, :3], w2c[i][:3, 3] = r, np.asarray(tvec).reshape(3)
+        # grow the map with the new keypoints of frame i seen in the last registered frame
+        explained = {good[j].queryIdx for j in idx[:, 0]}
+        kp_j, des_j = feats[last]
+        pairs = [m for m in _ratio_matches(matcher, des_i, des_j) if m.queryIdx not in explained]
+        if len(pairs) >= 8:
+            a = np.array([kp_j[m.trainIdx].pt for m in pairs], dtype=np.float64).T
+            b = np.array([kp_i[m.queryIdx].pt for m in pairs], dtype=np.float64).T
+            x = cv2.triangulatePoints(k @ w2c[last][:3], k @ w2c[i][:3], a, b)
+            xyz = (x[:3] / np.where(np.abs(x[3]) < 1e-12, 1e-12, x[3])).T
+            ok_pts = np.ones(len(xyz), dtype=bool)
+            for pose, uv in ((w2c[last], a.T), (w2c[i], b.T)):
+                cam_pts = (pose[:3, :3] @ xyz.T + pose[:3, 3:]).T
+                proj = (k @ cam_pts.T).T
+                err = np.linalg.norm(proj[:, :2] / np.maximum(proj[:, 2:], 1e-9) - uv, axis=1)
+                ok_pts &= (cam_pts[:, 2] > 1e-3) & (err < 2.0 * upscale)
+            if ok_pts.any():
+                map_xyz = np.concatenate([map_xyz, xyz[ok_pts]])
+                map_des = np.concatenate([map_des, des_i[[m.queryIdx for m, o in zip(pairs, ok_pts) if o]]])
+        last = i
+    return c2w, registered, inliers
 
 
 def _rel_normalised(t: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from nemo_ext.conditioning import camera as cam
+from nemo_ext.data.video import encode_video
 from nemo_ext.eval.poses import estimate_poses, pose_errors
 
 SIZE, DEPTH = 128, 4.0
@@ -84,3 +85,29 @@ def test_error_metrics_match_hand_computed_values() -> None:
     assert err["trans_err_rel"] == pytest.approx(np.sqrt(0.5))
     r = est[2, :3, :3] - np.eye(3)
     assert err["cam_mc_rel"] == pytest.approx(np.sqrt(0.5) + np.linalg.norm(r))
+
+
+def test_the_tracker_follows_world_paths_that_leave_frame_zeros_view() -> None:
+    """The camera world's ground-truth videos (VP9 round trip, 64x64, 17 frames): matching every frame
+    against frame 0 alone registered 58% of the frames of 16 episodes (success 6%); the growing map
+    registers 93% (success 88%, median RotErr 1.5 degrees). Four episodes here (measured: every frame registered,
+    RotErr 2.1-5.4 degrees per frame, on paths that turn up to 120 degrees)."""
+    from nemo_ext.conditioning.camera import relative_to_first
+    from nemo_ext.data.video import decode_frames
+    from nemo_ext.tasks.camera_control.world import render_along
+    from nemo_ext.worlds import WorldSpec, render_episode
+
+    spec = WorldSpec(num_frames=17, height=64, width=64, fps=8.0)
+    registered, rot = [], []
+    for i in range(4):
+        ep = render_episode("camera", 1, i, spec)
+        frames = decode_frames(encode_video(ep.frames, 8), 0, 17)
+        poses = ep.sidecars["poses.npy"].reshape(-1, 4, 4).astype(np.float64)
+        fx, fy, cx, cy, _, _ = ep.sidecars["intrinsics.npy"]
+        k = cam.intrinsics_matrix(fx, fy, cx, cy)
+        _, depth = render_along(ep.meta, poses[:1], 64, 64, k)
+        est = estimate_poses(frames, k, depth0=depth[0], upscale=2)
+        registered.append(est.registered[1:].mean())
+        rot.append(pose_errors(est.c2w, relative_to_first(poses), est.registered)["rot_err_deg_mean"])
+    assert np.mean(registered) > 0.8, registered
+    assert np.median(rot) < 8.0, rot
