@@ -164,19 +164,26 @@ def resize_geometry(src_hw: Sequence[int], dst_hw: Sequence[int], mode: str = "c
     return ResizeGeometry(new_w / w, new_h / h, left, top, (top, left, top + new_h, left + new_w))
 
 
+def scale_intrinsics(k, sx: float, sy: float) -> np.ndarray:
+    """K of the same camera after the image is scaled by (sx, sy): pixel-grid coordinates map as
+    ``x' + 0.5 = s (x + 0.5)`` (corners stay corners, as torch's ``interpolate(align_corners=False)``,
+    DALI's and OpenCV's resize do)."""
+    k = np.asarray(k, dtype=np.float64)
+    out = k.copy()
+    out[0, 0], out[1, 1] = k[0, 0] * sx, k[1, 1] * sy
+    out[0, 2], out[1, 2] = (k[0, 2] + 0.5) * sx - 0.5, (k[1, 2] + 0.5) * sy - 0.5
+    return out
+
+
 def resize_intrinsics(k, src_hw: Sequence[int], dst_hw: Sequence[int], mode: str = "crop"
                       ) -> tuple[np.ndarray, np.ndarray]:
     """K of a frame after the loaders' resize + centre crop / letterbox to ``dst_hw``, and the
-    ``[H, W]`` bool mask of the pixels that show the image (False on letterbox padding).
-
-    A resize by s maps pixel-grid coordinates as ``x' + 0.5 = s (x + 0.5)`` (corners stay corners,
-    as torch's ``interpolate(align_corners=False)`` and DALI's resize do); a crop or pad shifts them."""
+    ``[H, W]`` bool mask of the pixels that show the image (False on letterbox padding): the resize of
+    :func:`scale_intrinsics`, then a crop or pad shifts the coordinates."""
     g = resize_geometry(src_hw, dst_hw, mode)
-    k = np.asarray(k, dtype=np.float64)
-    out = k.copy()
-    out[0, 0], out[1, 1] = k[0, 0] * g.sx, k[1, 1] * g.sy
-    out[0, 2] = (k[0, 2] + 0.5) * g.sx - 0.5 + g.dx
-    out[1, 2] = (k[1, 2] + 0.5) * g.sy - 0.5 + g.dy
+    out = scale_intrinsics(k, g.sx, g.sy)
+    out[0, 2] += g.dx
+    out[1, 2] += g.dy
     mask = np.zeros((int(dst_hw[0]), int(dst_hw[1])), dtype=bool)
     top, left, bottom, right = g.valid
     mask[top:bottom, left:right] = True
@@ -187,11 +194,7 @@ def latent_intrinsics(k, spatial_compression: int) -> np.ndarray:
     """The same camera on the tokenizer's latent grid (one latent pixel per ``spatial_compression``^2
     block of pixels): a resize by 1 / spatial_compression."""
     s = 1.0 / int(spatial_compression)
-    k = np.asarray(k, dtype=np.float64)
-    out = k.copy()
-    out[0, 0], out[1, 1] = k[0, 0] * s, k[1, 1] * s
-    out[0, 2], out[1, 2] = (k[0, 2] + 0.5) * s - 0.5, (k[1, 2] + 0.5) * s - 0.5
-    return out
+    return scale_intrinsics(k, s, s)
 
 
 def latent_mask(mask: np.ndarray, spatial_compression: int) -> np.ndarray:

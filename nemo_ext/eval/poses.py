@@ -23,7 +23,7 @@ trajectory divided by its own largest ||t_i||); the angle between the translatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -38,7 +38,6 @@ class PoseEstimate:
     registered: np.ndarray  # [T] bool
     inliers: np.ndarray  # [T] int
     method: str  # "pnp" (metric) | "essential" (unit translation directions)
-    notes: list = field(default_factory=list)
 
     @property
     def success(self) -> bool:
@@ -54,13 +53,28 @@ def _gray(frame: np.ndarray) -> np.ndarray:
 def _matches(sift, matcher, kp0, des0, frame) -> tuple[np.ndarray, np.ndarray]:
     """Matched pixel coordinates (frame 0, frame i), [N, 2] float64 each."""
     kp1, des1 = sift.detectAndCompute(_gray(frame), None)
-    if des0 is None or des1 is None or len(kp1) < 2 or len(kp0) < 2:
-        return np.zeros((0, 2)), np.zeros((0, 2))
-    pairs = matcher.knnMatch(des0, des1, k=2)
-    good = [m for m, *rest in pairs if rest and m.distance < LOWE_RATIO * rest[0].distance]
+    good = _ratio_matches(matcher, des0, des1)
     p0 = np.array([kp0[m.queryIdx].pt for m in good], dtype=np.float64).reshape(-1, 2)
     p1 = np.array([kp1[m.trainIdx].pt for m in good], dtype=np.float64).reshape(-1, 2)
     return p0, p1
+
+
+def _ratio_matches(matcher, des_a, des_b) -> list:
+    """Lowe-ratio matches of descriptors ``des_a`` (queries) in ``des_b``."""
+    if des_a is None or des_b is None or len(des_a) < 2 or len(des_b) < 2:
+        return []
+    return [m for m, *rest in matcher.knnMatch(des_a, des_b, k=2) if rest and m.distance < LOWE_RATIO * rest[0].distance]
+
+
+def _start(t_len: int, keypoints0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(c2w, registered, inliers) before any frame but frame 0 (the identity, registered) is estimated."""
+    c2w = np.full((t_len, 4, 4), np.nan)
+    c2w[0] = np.eye(4)
+    registered = np.zeros(t_len, dtype=bool)
+    registered[0] = True
+    inliers = np.zeros(t_len, dtype=np.int64)
+    inliers[0] = keypoints0
+    return c2w, registered, inliers
 
 
 def _c2w(r: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -82,10 +96,10 @@ def estimate_poses(frames: np.ndarray, k: np.ndarray, depth0: Optional[np.ndarra
     t_len = len(frames)
     k = np.asarray(k, dtype=np.float64)
     if upscale > 1:
+        from nemo_ext.conditioning.camera import scale_intrinsics
+
         frames = np.stack([cv2.resize(f, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_CUBIC) for f in frames])
-        k = k.copy()
-        k[:2, :2] *= upscale
-        k[:2, 2] = (k[:2, 2] + 0.5) * upscale - 0.5
+        k = scale_intrinsics(k, upscale, upscale)
     sift = cv2.SIFT_create()
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     if depth0 is not None:
@@ -95,13 +109,7 @@ def estimate_poses(frames: np.ndarray, k: np.ndarray, depth0: Optional[np.ndarra
         c2w, registered, inliers = _track_pnp(frames, k, d, sift, matcher, min_inliers, upscale)
         return PoseEstimate(c2w=c2w, registered=registered, inliers=inliers, method="pnp")
     kp0, des0 = sift.detectAndCompute(_gray(frames[0]), None)
-    c2w = np.full((t_len, 4, 4), np.nan)
-    c2w[0] = np.eye(4)
-    registered = np.zeros(t_len, dtype=bool)
-    registered[0] = True
-    inliers = np.zeros(t_len, dtype=np.int64)
-    inliers[0] = len(kp0)
-    method = "essential"
+    c2w, registered, inliers = _start(t_len, len(kp0))
     for i in range(1, t_len):
         p0, p1 = _matches(sift, matcher, kp0, des0, frames[i])
         if len(p0) < max(min_inliers, 6):
@@ -114,13 +122,7 @@ def estimate_poses(frames: np.ndarray, k: np.ndarray, depth0: Optional[np.ndarra
             continue
         c2w[i], inliers[i] = _c2w(r, t), int(n)
         registered[i] = True
-    return PoseEstimate(c2w=c2w, registered=registered, inliers=inliers, method=method)
-
-
-def _ratio_matches(matcher, des_a, des_b) -> list:
-    if des_a is None or des_b is None or len(des_a) < 2 or len(des_b) < 2:
-        return []
-    return [m for m, *rest in matcher.knnMatch(des_a, des_b, k=2) if rest and m.distance < LOWE_RATIO * rest[0].distance]
+    return PoseEstimate(c2w=c2w, registered=registered, inliers=inliers, method="essential")
 
 
 def _track_pnp(frames, k, depth0, sift, matcher, min_inliers: int, upscale: int):
@@ -134,12 +136,7 @@ def _track_pnp(frames, k, depth0, sift, matcher, min_inliers: int, upscale: int)
     k_inv = np.linalg.inv(k)
     feats = [sift.detectAndCompute(_gray(f), None) for f in frames]
     kp0, des0 = feats[0]
-    c2w = np.full((t_len, 4, 4), np.nan)
-    c2w[0] = np.eye(4)
-    registered = np.zeros(t_len, dtype=bool)
-    registered[0] = True
-    inliers = np.zeros(t_len, dtype=np.int64)
-    inliers[0] = len(kp0)
+    c2w, registered, inliers = _start(t_len, len(kp0))
     if des0 is None:
         return c2w, registered, inliers
     uv0 = np.array([kp.pt for kp in kp0], dtype=np.float64)

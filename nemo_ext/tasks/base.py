@@ -65,6 +65,18 @@ class TaskSpec:
         return {s.ext: s.align for s in self.signals}
 
 
+def require_video2world(cfg, task: str, dit_why: str, ar_why: str) -> None:
+    """For a task that continues the given first frame(s): the DiT must be Video2World, the AR model must
+    take a cross-attention context and at least one given frame as the prompt (ValueError naming the keys)."""
+    m = cfg.model
+    if cfg.family == "diffusion" and not m.video2world:
+        raise ValueError(f"{task} (diffusion) {dit_why}: use a Video2World model "
+                         "(model.video2world=true, e.g. model=dit_tiny_v2w_s2d / dit_7b_v2w)")
+    if cfg.family == "ar" and (not m.cross_attention or m.condition_frames < 1):
+        raise ValueError(f"{task} (ar): {ar_why}; use a Video2World model (model.cross_attention=true, "
+                         "model.condition_frames >= 1, e.g. model=ar_tiny_v2w_dv1x8x8 / ar_5b)")
+
+
 TASKS: Registry[TaskSpec] = Registry("task", import_task_packages)
 
 

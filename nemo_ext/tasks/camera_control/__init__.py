@@ -24,15 +24,13 @@ depth), ``evaluation.py``; recipes in ``recipes/camera_control/``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn as nn
 
 from nemo_ext.conditioning import Conditioning, tokens_then_text
 from nemo_ext.data.signals import Signal
-from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task
+from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task, require_video2world
 
 POSES = Signal("poses.npy", "frames", "poses",
                description="camera-to-world 4x4 per frame, row-major [T, 16], OpenCV axes")
@@ -150,13 +148,8 @@ def check(task_cfg, cfg) -> None:
     if d.height % sc or d.width % sc:
         raise ValueError(f"data.height={d.height} / data.width={d.width} must be multiples of the tokenizer's "
                          f"spatial compression {sc} (one ray per latent pixel)")
-    if cfg.family == "diffusion" and not m.video2world:
-        raise ValueError("camera_control (diffusion) continues the given first frame along the camera path: use a "
-                         "Video2World model (model.video2world=true, e.g. model=dit_tiny_v2w_s2d / dit_7b_v2w)")
-    if cfg.family == "ar" and (not m.cross_attention or m.condition_frames < 1):
-        raise ValueError("camera_control (ar): camera tokens enter through cross-attention and the first frame is "
-                         "the prompt: use model.cross_attention=true, model.condition_frames >= 1 "
-                         "(e.g. model=ar_tiny_v2w_dv1x8x8 / ar_5b)")
+    require_video2world(cfg, "camera_control", "continues the given first frame along the camera path",
+                        "camera tokens enter through cross-attention and the first frame is the prompt")
 
 
 def extra_channels(task_cfg, model_cfg) -> int:

@@ -57,19 +57,25 @@ class SimulatorPredictor:
         self.size = (height, width)
         self.chunk = chunk
         self.at: dict = {}  # episode -> the camera pose at the start of the next chunk
+        self.scenes: dict = {}  # episode -> (its scene, K, camera bounds), parsed once
 
     @staticmethod
     def supports(episode: Episode) -> bool:
         return episode.meta.get("variant") == "camera" and "scene" in episode.meta
 
     def __call__(self, current, cond, step, ids):
-        from nemo_ext.tasks.camera_control.world import render_along
-        from nemo_ext.worlds.scene3d import Scene, camera_bounds
+        from nemo_ext.tasks.camera_control.world import FOV_X_DEG, SUPERSAMPLE
+        from nemo_ext.worlds.scene3d import Scene, camera_bounds, default_intrinsics, render_path
 
         h, w = self.size
         out = []
         for row, i in enumerate(ids):
             ep = self.episodes[i]
+            if i not in self.scenes:
+                scene = Scene.from_json(ep.meta["scene"])
+                k = default_intrinsics(h, w, float(ep.meta.get("fov_x_deg", FOV_X_DEG)))
+                self.scenes[i] = (scene, k, camera_bounds(scene))
+            scene, k, (lo, hi) = self.scenes[i]
             if step == 0:
                 self.at[i] = _pose_matrices(ep.signals["poses"][:1])[0]
             rel = _relative(cond["poses"][row].detach().cpu().numpy())  # [chunk + 1, 4, 4]
@@ -78,11 +84,9 @@ class SimulatorPredictor:
             own = _relative(ep.signals["poses"][step * self.chunk:(step + 1) * self.chunk + 1])
             rel[:, :3, 3] *= _spread(own) / max(_spread(rel), 1e-9)
             poses = self.at[i] @ rel[1:]
-            scene = Scene.from_json(ep.meta["scene"])
-            lo, hi = camera_bounds(scene)
             poses[:, :3, 3] = np.clip(poses[:, :3, 3], lo, hi)
             self.at[i] = poses[-1]
-            frames, _ = render_along(ep.meta, poses, h, w)
+            frames, _ = render_path(scene, poses, k, h, w, supersample=SUPERSAMPLE)
             out.append(to_video(frames))
         return torch.stack(out)
 

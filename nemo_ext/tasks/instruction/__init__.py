@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nemo_ext.conditioning.text import TextConditioner
-from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task
+from nemo_ext.tasks.base import TaskConfig, TaskSpec, register_task, require_video2world
 
 
 @dataclass
@@ -29,14 +29,8 @@ class InstructionTaskConfig(TaskConfig):
 
 
 def check(task_cfg, cfg) -> None:
-    m = cfg.model
-    if cfg.family == "diffusion" and not m.video2world:
-        raise ValueError("instruction (diffusion) continues the given first frame(s): use a Video2World model "
-                         "(model.video2world=true, e.g. model=dit_tiny_v2w_s2d / dit_7b_v2w)")
-    if cfg.family == "ar" and (not m.cross_attention or m.condition_frames < 1):
-        raise ValueError("instruction (ar): the instruction enters through cross-attention and the first frame is "
-                         "the prompt; use a Video2World model (model.cross_attention=true, model.condition_frames >= 1, "
-                         "e.g. model=ar_tiny_v2w_dv1x8x8 / ar_5b)")
+    require_video2world(cfg, "instruction", "continues the given first frame(s)",
+                        "the instruction enters through cross-attention and the first frame is the prompt")
     if not 0.0 <= task_cfg.caption_dropout < 1.0:
         raise ValueError(f"task.caption_dropout={task_cfg.caption_dropout} must be in [0, 1)")
 
